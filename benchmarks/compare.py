@@ -1,0 +1,193 @@
+"""Mamba-2 vs a parameter-matched Transformer++ (chapter 08): the five experiments of snakes_lib.compare in one
+command. Prints tables, writes benchmarks/results/compare_<device>[_quick].json (the chapter plots it).
+
+    python benchmarks/compare.py --quick          # CPU, tiny settings (a few minutes on 2 idle cores)
+    python benchmarks/compare.py                  # CPU, larger settings (~6 min on 2 idle cores)
+    python benchmarks/compare.py --device cuda    # one GPU, ~8 min on an H100 (measured 455-493 s); writes compare_cuda.json
+
+Experiments (--only picks some): lm (val loss vs tokens, 3 learning rates per model, snakes_lib.train),
+train (step time and memory vs sequence length at fixed tokens per step), decode (time per token and cache bytes vs
+context length, crossovers), mqar (associative recall accuracy vs width and state size), story (the Maia prompt,
+continued by the best LM run of each model).
+
+Timing: median of the timed steps after warm-up; torch.cuda.synchronize() around each on CUDA. Memory: CUDA
+max_memory_allocated (GPU only) and the bytes of tensors autograd saves for backward (any device).
+Not handled: multi-GPU, the official Triton/CUDA Mamba kernels (this compares pure-PyTorch SSD with PyTorch's
+fused attention), torch.compile.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from snakes_lib import compare as C  # noqa: E402
+from snakes_lib.model import Mamba2Config  # noqa: E402
+
+EXPERIMENTS = ("lm", "train", "decode", "story", "mqar")
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def settings(device_type: str, quick: bool) -> dict:
+    "Every size and length, per device and mode, in one place."
+    if device_type == "cuda":
+        return dict(
+            lm=dict(model_size="tiny", lrs=(1e-3, 3e-3, 1e-2), max_steps=300, batch_size=32, seq_len=256, eval_every=25,
+                    eval_batches=8),
+            bench_model=dict(d_model=768, n_layer=24, d_state=128, headdim=64, vocab_size=32768, chunk_size=256),
+            train=dict(seq_lens=(256, 512, 1024, 2048, 4096, 8192, 16384), tokens_per_step=16384, steps=3, warmup=2,
+                       amp_dtype=torch.bfloat16),
+            decode=dict(context_lens=(256, 1024, 4096, 8192, 16384, 32768), new_tokens=32, batch_size=8,
+                        dtype=torch.bfloat16),
+            mqar=dict(d_models=(64, 128), d_states=(8, 32, 128), lrs=(1e-3, 3e-3), steps=1500, batch_size=64,
+                      num_kv_pairs=8, seq_len=64, vocab_size=64),
+        )
+    if quick:
+        return dict(
+            lm=dict(model_size="tiny", lrs=(1e-3, 3e-3, 1e-2), max_steps=30, batch_size=8, seq_len=128, eval_every=10,
+                    eval_batches=2),
+            bench_model=dict(d_model=64, n_layer=2, d_state=32, headdim=32, vocab_size=2048, chunk_size=64),
+            train=dict(seq_lens=(128, 512, 2048), tokens_per_step=4096, steps=2, warmup=1),
+            decode=dict(context_lens=(128, 512, 2048), new_tokens=8),
+            mqar=dict(d_models=(32,), d_states=(4, 32), lrs=(1e-3,), steps=60, batch_size=32, num_kv_pairs=4,
+                      seq_len=32, vocab_size=32),
+        )
+    return dict(
+        lm=dict(model_size="tiny", lrs=(1e-3, 3e-3, 1e-2), max_steps=100, batch_size=8, seq_len=128, eval_every=10,
+                eval_batches=4),
+        bench_model=dict(d_model=128, n_layer=4, d_state=64, headdim=32, vocab_size=2048, chunk_size=64),
+        train=dict(seq_lens=(128, 256, 512, 1024, 2048, 4096), tokens_per_step=8192, steps=2, warmup=1),
+        decode=dict(context_lens=(128, 512, 2048, 8192, 16384), new_tokens=16),
+        mqar=dict(d_models=(32, 64), d_states=(4, 16, 64), lrs=(1e-3, 3e-3), steps=400, batch_size=32, num_kv_pairs=4,
+                  seq_len=32, vocab_size=32),
+    )
+
+
+def _mib(b):
+    return "-" if b is None else f"{b / 2**20:9.1f}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--quick", action="store_true", help="tiny settings (CPU smoke run)")
+    p.add_argument("--only", nargs="+", choices=EXPERIMENTS, default=None, help="run only these experiments")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--runs-dir", type=Path, default=None, help="where the LM runs go (default: a temporary folder)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default benchmarks/results/compare_<cpu|cuda>[_quick].json)")
+    args = p.parse_args(argv)
+
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        p.error("--device cuda, but torch.cuda.is_available() is False (a CPU-only PyTorch build, or no GPU visible)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    S = settings("cuda" if cuda else "cpu", args.quick)
+    todo = args.only or EXPERIMENTS
+    out = args.out or ROOT / "benchmarks" / "results" / f"compare_{'cuda' if cuda else 'cpu'}{'_quick' if args.quick else ''}.json"
+    doc = dict(benchmark="compare", device=device_name(args.device), device_type="cuda" if cuda else "cpu",
+               torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
+               quick=args.quick, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               loadavg_before=os.getloadavg() if hasattr(os, "getloadavg") else None,
+               settings=json.loads(json.dumps(S, default=str)), experiments={}, seconds={})
+    print(f"Mamba-2 vs Transformer++ on {doc['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        doc["loadavg_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+
+    runs_dir = args.runs_dir or Path(tempfile.mkdtemp(prefix="snakes-compare-"))
+    bench_cfg = Mamba2Config(**S["bench_model"])
+    pair = C.matched_pair(bench_cfg)
+    configs = {"mamba2": bench_cfg, "transformer": C.matched_transformer_config(bench_cfg)}
+    doc["bench_models"] = pair
+    pm, pt = pair["parameters"]["mamba2"], pair["parameters"]["transformer"]
+    print(f"benchmark models: Mamba-2 {pm['non_embedding']:,} / Transformer++ {pt['non_embedding']:,} non-embedding "
+          f"parameters ({pair['non_embedding_mismatch']:+.1%}), embedding {pm['embedding']:,} each")
+
+    if "lm" in todo:
+        t0 = time.perf_counter()
+        lm = C.lm_experiment(runs_dir / "lm", device=args.device, **S["lm"])
+        doc["experiments"]["lm"] = lm
+        doc["seconds"]["lm"] = time.perf_counter() - t0
+        print("\nlanguage modelling: best validation loss per learning rate")
+        for r in lm["runs"]:
+            print(f"  {r['model']:<12} lr {r['lr']:<7g} best val loss {r['best_val_loss']:.4f}  ({r['seconds']:.0f} s)")
+        print("  best: " + ", ".join(f"{k} {v['best_val_loss']:.4f} (lr {v['lr']:g})" for k, v in lm["best"].items()))
+        save()
+    if "train" in todo:
+        t0 = time.perf_counter()
+        rows = C.train_step_benchmark(configs, device=args.device, progress=False, **S["train"])
+        doc["experiments"]["train"] = {"rows": rows}
+        doc["seconds"]["train"] = time.perf_counter() - t0
+        print(f"\ntraining step at {S['train']['tokens_per_step']} tokens per step: ms / activation MiB / peak MiB")
+        for r in rows:
+            print(f"  {r['model']:<12} L {r['seq_len']:>6} batch {r['batch_size']:>4}: " +
+                  ("OOM" if r["oom"] else f"{r['ms_per_step']:9.1f} ms {_mib(r['activation_bytes'])} {_mib(r['peak_memory_bytes'])}"))
+        save()
+    if "decode" in todo:
+        t0 = time.perf_counter()
+        rows = C.decode_benchmark(configs, device=args.device, progress=False, **S["decode"])
+        cross = C.crossovers(rows)
+        r0 = C.state_size_report(d_model=bench_cfg.d_model, n_layer=bench_cfg.n_layer, d_state=bench_cfg.d_state,
+                                 expand=bench_cfg.expand, transformer_n_layer=configs["transformer"].n_layer,
+                                 state_bytes=4, kv_bytes=torch.tensor([], dtype=S["decode"].get("dtype", torch.float32)).element_size())
+        doc["experiments"]["decode"] = {"rows": rows, "crossovers": cross,
+                                        "analytic_crossover_context_len": r0["crossover_context_len"]}
+        doc["seconds"]["decode"] = time.perf_counter() - t0
+        print("\ndecoding: ms per token / cache MiB (measured, analytic)")
+        for r in rows:
+            print(f"  {r['model']:<12} context {r['context_len']:>6}: " +
+                  ("OOM" if r["oom"] else f"{r['ms_per_token']:8.2f} ms {_mib(r['cache_bytes'])} {_mib(r['analytic_cache_bytes'])}"))
+        print(f"  the Mamba-2 state is smaller than the KV cache from {r0['crossover_context_len']} tokens (analytic), "
+              f"measured from {cross['smaller_cache_from']}; decoding faster from {cross['faster_decoding_from']}")
+        save()
+    if "story" in todo and "lm" in doc["experiments"]:
+        t0 = time.perf_counter()
+        best = {k: v["run_dir"] for k, v in doc["experiments"]["lm"]["best"].items()}
+        doc["experiments"]["story"] = C.continue_story(best, device=args.device)
+        doc["seconds"]["story"] = time.perf_counter() - t0
+        for k, v in doc["experiments"]["story"].items():
+            print(f"\n{k}: ...{C.MAIA_PROMPT}{v['text']}")
+        save()
+    if "mqar" in todo:
+        t0 = time.perf_counter()
+        mq = C.mqar_experiment(device=args.device, progress=False, **S["mqar"])
+        doc["experiments"]["mqar"] = mq
+        doc["seconds"]["mqar"] = time.perf_counter() - t0
+        print("\nMQAR accuracy (best lr)")
+        for r in mq["runs"]:
+            print(f"  {r['model']:<12} d_model {r['d_model']:>4} d_state {str(r['d_state']):>4} state {r['state_numbers']:>8,}: "
+                  f"acc {r['accuracy']:.3f}")
+        save()
+    save()
+    print(f"\nwrote {out}")
+    return doc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""The `snakes` command line (also `python -m snakes_lib`): train, generate, data generate, bench, demo.
+
+Hand-written (not exported from a notebook). Subcommands owned by other modules register themselves through
+`add_*_command(subparsers)` and are imported lazily, so a missing optional piece only disables its subcommand."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+DEMO_PROMPT = "Once upon a time, there lived a baby girl named Maia."
+
+# flags that take a list of values
+_LIST_FIELDS = {"data", "include", "exclude"}
+# fields that are not flags of `snakes train` (set otherwise, or not meant for the command line)
+_HIDDEN_FIELDS = {"preset", "model_config"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (default None = the preset's value)."""
+    from snakes_lib.presets import TrainConfig, PRESET_NAMES, MODEL_SIZES
+    p.add_argument("--preset", default="auto", choices=PRESET_NAMES,
+                   help="VRAM preset: cpu, 8gb ... 80gb, or auto (reads the GPU's memory; cpu without one)")
+    helps = {
+        "data": "files or folders of text (default: the bundled corpus)",
+        "out": "run directory (default runs/default)",
+        "max_steps": "optimizer steps in total, across resumes",
+        "model_size": f"one of {', '.join(MODEL_SIZES)} (default: the preset's)",
+        "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps",
+        "precision": "auto, fp32, bf16 or fp16",
+        "resume": "continue the run in --out from its newest good checkpoint",
+        "progress": "progress bar and messages (--no-progress for logs)",
+    }
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _HIDDEN_FIELDS:
+            continue
+        default = f.default
+        h = helps.get(f.name, f"(preset default: {default})" if default is not None else None)
+        if f.name in _LIST_FIELDS:
+            p.add_argument(_flag(f.name), nargs="+", default=None, metavar="PATH" if f.name == "data" else "GLOB",
+                           help=h)
+        elif isinstance(default, bool):
+            p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=h)
+        elif f.name in ("lr_decay_steps", "chunk_size"):
+            p.add_argument(_flag(f.name), type=int, default=None, metavar="N", help=h)
+        elif f.name == "cache_dir":
+            p.add_argument(_flag(f.name), default=None, metavar="DIR", help="token cache (default ~/.cache/snakes/tokens)")
+        elif f.name == "max_minutes":
+            p.add_argument(_flag(f.name), type=float, default=None, metavar="M", help="stop after M minutes of training")
+        else:
+            typ = type(default) if default is not None else str
+            p.add_argument(_flag(f.name), type=typ, default=None, metavar=f.name.split("_")[-1].upper(), help=h)
+    p.add_argument("--model-config", default=None, metavar="JSON",
+                   help='extra model config as JSON, e.g. \'{"n_layer": 2}\'')
+
+
+def config_from_args(args: argparse.Namespace):
+    import json
+    from snakes_lib.presets import TrainConfig, resolve_preset
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)
+                 if f.name not in _HIDDEN_FIELDS}
+    if getattr(args, "model_config", None):
+        overrides["model_config"] = json.loads(args.model_config)
+    return resolve_preset(args.preset, **overrides)
+
+
+def _err(msg: str) -> int:
+    print(f"snakes: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def cmd_train(args) -> int:
+    from snakes_lib.train import train, RunDirError, NonFiniteLossError
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        return _err(str(e))
+    print(f"preset {cfg.preset}: model {cfg.model_size} ({cfg.model_type}), micro-batch {cfg.batch_size} x "
+          f"{cfg.grad_accum} accumulation x {cfg.seq_len} tokens, precision {cfg.precision}, "
+          f"activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}, "
+          f"chunked CE {'on' if cfg.chunked_ce else 'off'} -> {cfg.out}", flush=True)
+    try:
+        res = train(cfg)
+    except NonFiniteLossError as e:
+        _err(str(e))
+        return 3
+    except (RunDirError, ValueError, FileNotFoundError) as e:
+        return _err(str(e))
+    _print_result(res)
+    return 130 if res.stop_reason == "interrupted" else 0
+
+
+def _print_result(res) -> None:
+    parts = [f"stopped at step {res.step} ({res.stop_reason})", f"{res.tokens:,} tokens in {res.seconds:.0f} s"]
+    if res.train_loss is not None:
+        parts.append(f"train loss {res.train_loss:.3f}")
+    if res.val_loss is not None:
+        parts.append(f"val loss {res.val_loss:.3f} (perplexity {res.val_perplexity:.1f})")
+    if res.best_val_loss is not None:
+        parts.append(f"best val loss {res.best_val_loss:.3f} at step {res.best_step}")
+    print("; ".join(parts))
+    print(f"run directory: {res.run_dir} (metrics.jsonl, loss.png, checkpoints/); sample with "
+          f"`snakes generate --run {res.run_dir} --prompt \"...\"`")
+
+
+def _sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
+    try:
+        from snakes_lib.generate import generate
+    except ImportError:
+        generate = None
+    if generate is not None:
+        return generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95,
+                        seed=seed)
+    import torch                                     # fallback: plain sampling, recomputing the prefix each time
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            probs = torch.softmax(model(ids)[0, -1].float() / 0.8, -1)
+            nxt = int(torch.multinomial(probs, 1, generator=g))
+            if nxt == tokenizer.eos_id:
+                break
+            new.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    return tokenizer.decode(new)
+
+
+def cmd_demo(args) -> int:
+    """Train the tiny model on the bundled corpus on the CPU, then continue the story of Maia."""
+    from snakes_lib.presets import resolve_preset
+    from snakes_lib.train import train, load_run, find_checkpoint, RunDirError
+    out = Path(args.out)
+    resume = False
+    if out.exists() and not args.fresh:
+        try:
+            resume = find_checkpoint(out, verbose=False) is not None
+        except RunDirError:
+            resume = False
+        if resume:
+            print(f"{out} holds an earlier demo run: continuing it (pass --fresh to start over)")
+    if args.fresh and out.exists():
+        import shutil
+        shutil.rmtree(out)
+    cfg = resolve_preset("cpu", out=str(out), device=args.device, max_steps=args.max_steps,
+                         max_minutes=args.max_minutes, resume=resume, seed=args.seed, **DEMO_OVERRIDES)
+    print(f"snakes demo: training the tiny Mamba-2 on the bundled corpus ({cfg.max_steps} steps of "
+          f"{cfg.batch_size} x {cfg.seq_len} tokens, at most {cfg.max_minutes} min) -> {out}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        res = train(cfg)
+    except (RunDirError, ValueError) as e:
+        return _err(str(e))
+    _print_result(res)
+    model, tokenizer = load_run(out)
+    print(f"\nprompt: {args.prompt}\n" + "-" * 60)
+    text = _sample(model, tokenizer, args.prompt, args.max_new_tokens, seed=args.seed)
+    print(args.prompt + text)
+    print("-" * 60)
+    val = f"{res.best_val_loss:.3f}" if res.best_val_loss is not None else "n/a"
+    print(f"final val loss {res.val_loss if res.val_loss is None else round(res.val_loss, 3)} "
+          f"(best {val}); demo took {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+# the demo's settings over the cpu preset: small batches, many steps, a time budget
+DEMO_OVERRIDES = dict(model_size="tiny", batch_size=8, seq_len=128, eval_every=40, eval_batches=8,
+                      checkpoint_every=100, warmup_steps=30, lr=3e-3, min_lr=3e-4)
+
+
+def cmd_bench(args) -> int:
+    root = Path(__file__).resolve().parent.parent / "benchmarks" / "memory.py"
+    if args.what != "memory":
+        return _err(f"unknown benchmark {args.what!r}; available: memory")
+    if not root.exists():
+        return _err(f"{root} not found: `snakes bench` runs the benchmarks of a source checkout")
+    import runpy
+    argv = [str(root)] + (["--device", args.device] if args.device else []) + (["--quick"] if args.quick else [])
+    old = sys.argv
+    sys.argv = argv
+    try:
+        runpy.run_path(str(root), run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    finally:
+        sys.argv = old
+    return 0
+
+
+def _optional(module: str, func: str, subparsers, name: str, what: str) -> None:
+    """Register a subcommand from another module; if that module is missing, a stub that says so."""
+    try:
+        getattr(importlib.import_module(module), func)(subparsers)
+    except (ImportError, AttributeError) as e:
+        msg = f"`snakes {name}` is unavailable: {module}.{func} could not be loaded ({e})"
+        p = subparsers.add_parser(name, help=f"{what} (unavailable)", add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda args, _m=msg: _err(_m))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="snakes", description="Why did it have to be snakes? Train and run "
+                                     "Mamba-2 language models built from scratch in the snakes course.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (presets for CPUs and 8-80 GB GPUs)",
+                       description="Train a language model on folders of text. Every preset value can be "
+                                   "overridden by its flag.")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    _optional("snakes_lib.generate", "add_generate_command", sub, "generate", "continue a prompt with a trained model")
+
+    _optional("snakes_lib.datagen", "add_data_command", sub, "data", "`data generate`: training text with Ollama")
+
+    p = sub.add_parser("bench", help="benchmarks (memory: peak GPU memory of every preset)")
+    p.add_argument("what", nargs="?", default="memory", choices=["memory"])
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    p.add_argument("--quick", action="store_true", help="a smoke test: tiny settings, one step each")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="train the tiny model on the bundled corpus on CPU, then tell a story",
+                       description="The main job: trains the tiny Mamba-2 on the bundled corpus (a few minutes on a "
+                                   "laptop CPU), prints the validation loss and a sample.")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--max-steps", type=int, default=320, help="optimizer steps (default 320)")
+    p.add_argument("--max-minutes", type=float, default=6.5, help="time budget for training (default 6.5)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or auto/cuda/mps")
+    p.add_argument("--prompt", default=DEMO_PROMPT, help="the story to continue")
+    p.add_argument("--max-new-tokens", type=int, default=120)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--fresh", action="store_true", help="delete an earlier demo run and start over")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import os
+    # fewer, growable CUDA memory segments: less fragmentation, a lower peak (read when CUDA starts)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The `snakes` command line: train a few steps, generate from the run, clear errors, every flag wired."""
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from snakes_lib.cli import build_parser, config_from_args, main
+from snakes_lib.presets import TrainConfig
+
+from test_train import MICRO, make_corpus
+
+
+def test_every_train_config_field_is_a_flag():
+    parser = build_parser()
+    args = parser.parse_args(["train", "--preset", "cpu", "--max-steps", "7", "--no-chunked-ce", "--lr", "0.01",
+                              "--data", "a", "b", "--model-config", '{"n_layer": 2}', "--device", "cpu"])
+    cfg = config_from_args(args)
+    assert (cfg.max_steps, cfg.chunked_ce, cfg.lr, cfg.data, cfg.model_config) == (7, False, 0.01, ["a", "b"],
+                                                                                   {"n_layer": 2})
+    help_text = parser._subparsers._group_actions[0].choices["train"].format_help()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "preset":
+            assert "--" + f.name.replace("_", "-") in help_text, f.name
+
+
+def test_train_then_generate(tmp_path, capsys):
+    corpus = make_corpus(tmp_path / "corpus")
+    run = tmp_path / "run"
+    argv = ["train", "--preset", "cpu", "--data", str(corpus), "--out", str(run), "--max-steps", "3",
+            "--batch-size", "2", "--seq-len", "16", "--vocab-size", "300", "--device", "cpu", "--eval-every", "2",
+            "--eval-batches", "1", "--cache-dir", str(tmp_path / "tok"), "--model-config", json.dumps(MICRO),
+            "--log-every", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "stopped at step 3 (max_steps)" in out and "val loss" in out
+    assert main(argv) == 2                                  # the run exists: refuses to overwrite
+    assert "--resume" in capsys.readouterr().err
+    assert main(argv[:-2] + ["--max-steps", "4", "--resume"]) == 0
+    assert "stopped at step 4" in capsys.readouterr().out
+    assert main(["generate", "--run", str(run), "--prompt", "The snake", "--max-new-tokens", "5", "--seed", "0",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_clear_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc = main(["train", "--preset", "cpu", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"),
+               "--device", "cpu", "--cache-dir", str(tmp_path / "tok")])
+    assert rc == 2 and "error" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "9gb"])
+    assert main([]) == 2
+
+
+def test_python_dash_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "snakes_lib", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    for cmd in ("train", "generate", "data", "bench", "demo"):
+        assert cmd in r.stdout

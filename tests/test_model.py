@@ -1,0 +1,328 @@
+"""Tests for snakes_lib.model: config, forward, cache/step, checkpoints, init."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from snakes_lib.model import (GatedRMSNorm, Mamba2Cache, Mamba2Config, Mamba2LM, RMSNorm, load_model)
+
+
+def tiny(**kw):
+    base = dict(d_model=32, n_layer=2, vocab_size=50, d_state=8, headdim=8, ngroups=1, chunk_size=8)
+    base.update(kw)
+    return Mamba2Config(**base)
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# -- config ---------------------------------------------------------------------------------------------------------
+def test_config_json_round_trip_and_official_layout():
+    c = tiny(ngroups=2, A_init_range=(2, 8), tie_embeddings=False)
+    d = json.loads(json.dumps(c.to_dict()))
+    assert d["model_type"] == "mamba2"
+    assert Mamba2Config.from_dict(d) == c
+    off = json.loads(json.dumps(c.to_official_dict()))
+    assert off["ssm_cfg"]["layer"] == "Mamba2" and off["ssm_cfg"]["d_state"] == 8
+    assert Mamba2Config.from_dict(off) == c
+
+
+def test_config_derived_sizes_and_vocab_padding():
+    c = tiny(vocab_size=50, pad_vocab_size_multiple=16)
+    assert (c.d_inner, c.nheads, c.conv_dim) == (64, 8, 64 + 16)
+    assert c.d_in_proj == 2 * 64 + 2 * 8 + 8
+    assert c.padded_vocab_size == 64
+    m = Mamba2LM(c)
+    assert m.backbone.embedding.weight.shape == (64, 32)
+    assert m(torch.randint(0, 50, (1, 3))).shape == (1, 3, 50)
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(headdim=12), "multiple of headdim"),
+                                     (dict(ngroups=3), "multiple of ngroups"),
+                                     (dict(d_model=0), "positive integer"),
+                                     (dict(A_init_range=(0, 1)), "A_init_range")])
+def test_config_errors(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        tiny(**kw)
+
+
+def test_config_rejects_unknown_and_unsupported_fields():
+    with pytest.raises(ValueError, match="unknown"):
+        Mamba2Config.from_dict({**tiny().to_dict(), "d_fancy": 3})
+    off = tiny().to_official_dict()
+    off["ssm_cfg"]["norm_before_gate"] = True
+    with pytest.raises(ValueError, match="norm_before_gate"):
+        Mamba2Config.from_dict(off)
+    with pytest.raises(ValueError, match="d_intermediate"):
+        Mamba2Config.from_dict({**tiny().to_official_dict(), "d_intermediate": 128})
+    with pytest.raises(ValueError, match="model_type"):
+        Mamba2Config.from_dict({**tiny().to_dict(), "model_type": "transformer"})
+
+
+# -- layers ---------------------------------------------------------------------------------------------------------
+def test_gated_norm_groups():
+    torch.manual_seed(0)
+    y, z = torch.randn(3, 24, dtype=torch.float64), torch.randn(3, 24, dtype=torch.float64)
+    n = GatedRMSNorm(24, group_size=8).double()
+    with torch.no_grad():
+        n.weight.uniform_(0.5, 1.5)
+    g = (y * F.silu(z)).view(3, 3, 8)
+    ref = (g / torch.sqrt(g.pow(2).mean(-1, keepdim=True) + 1e-5)).view(3, 24) * n.weight
+    assert rel(n(y, z), ref) < 1e-13
+
+
+def test_rmsnorm_bf16_returns_input_dtype():
+    x = torch.randn(4, 16).bfloat16()
+    assert RMSNorm(16)(x).dtype == torch.bfloat16
+
+
+# -- model ----------------------------------------------------------------------------------------------------------
+def test_parameter_names_follow_official_layout():
+    m = Mamba2LM(tiny(n_layer=1, tie_embeddings=False))
+    names = set(dict(m.named_parameters()))
+    mix = "backbone.layers.0.mixer."
+    assert names == {"backbone.embedding.weight", "backbone.layers.0.norm.weight", "backbone.norm_f.weight",
+                     "lm_head.weight"} | {mix + k for k in ("in_proj.weight", "conv1d.weight", "conv1d.bias",
+                                                              "dt_bias", "A_log", "D", "norm.weight",
+                                                              "out_proj.weight")}
+    mx = m.backbone.layers[0].mixer
+    c = m.config
+    assert mx.in_proj.weight.shape == (c.d_in_proj, c.d_model)
+    assert mx.conv1d.weight.shape == (c.conv_dim, 1, c.d_conv)
+
+
+def test_official_init():
+    torch.manual_seed(1)
+    c = tiny(d_model=128, headdim=4, n_layer=9)                   # 64 heads per layer
+    m = Mamba2LM(c)
+    dt = torch.cat([F.softplus(l.mixer.dt_bias) for l in m.backbone.layers]).detach()
+    A = torch.cat([-torch.exp(l.mixer.A_log) for l in m.backbone.layers]).detach()
+    assert dt.min() >= 1e-4 - 1e-9 and dt.max() <= 0.1 + 1e-6 and dt.log10().std() > 0.4   # spread over decades
+    assert A.min() >= -16 and A.max() <= -1 and A.std() > 2
+    for l in m.backbone.layers:
+        assert torch.equal(l.mixer.D.detach(), torch.ones(c.nheads))
+        assert l.mixer.dt_bias._no_weight_decay and l.mixer.A_log._no_weight_decay
+    assert abs(m.backbone.embedding.weight.std().item() - 0.02) < 2e-3
+    bound = 1 / math.sqrt(c.d_inner) / math.sqrt(c.n_layer)        # kaiming-uniform bound, then / sqrt(n_layer)
+    w = m.backbone.layers[0].mixer.out_proj.weight
+    assert w.abs().max() <= bound + 1e-7 and w.abs().max() > 0.9 * bound
+
+
+def test_tied_and_untied_heads_and_num_parameters():
+    tied, untied = Mamba2LM(tiny()), Mamba2LM(tiny(tie_embeddings=False))
+    assert tied.lm_head.weight is tied.backbone.embedding.weight
+    assert untied.lm_head.weight is not untied.backbone.embedding.weight
+    emb = tied.backbone.embedding.weight.numel()
+    assert untied.num_parameters() == tied.num_parameters() + emb
+    assert tied.num_parameters(exclude_embedding=True) == tied.num_parameters() - emb
+    assert untied.num_parameters(exclude_embedding=True) == tied.num_parameters(exclude_embedding=True)
+
+
+def test_forward_hidden_states_and_lm_head():
+    torch.manual_seed(0)
+    m = Mamba2LM(tiny()).double()
+    ids = torch.randint(0, 50, (2, 13))
+    h = m.hidden_states(ids)
+    assert h.shape == (2, 13, 32)
+    assert torch.allclose(m(ids), (h @ m.lm_head.weight.T)[..., :50], atol=1e-12)
+
+
+def test_causal_and_order_sensitive():
+    torch.manual_seed(0)
+    m = Mamba2LM(tiny()).double()
+    ids = torch.randint(0, 50, (1, 17))
+    ids2 = ids.clone(); ids2[0, 9] = (ids[0, 9] + 1) % 50
+    a, b = m(ids), m(ids2)
+    assert torch.equal(a[:, :9], b[:, :9]) and not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_gradient_checkpointing_same_grads():
+    torch.manual_seed(0)
+    m = Mamba2LM(tiny()).double().train()
+    ids = torch.randint(0, 50, (2, 11))
+    m(ids).sum().backward()
+    g1 = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    m.gradient_checkpointing = True
+    m(ids).sum().backward()
+    for a, p in zip(g1, m.parameters()):
+        assert torch.allclose(a, p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_bad_input_ids_errors():
+    m = Mamba2LM(tiny())
+    with pytest.raises(ValueError, match="token ids"):
+        m(torch.tensor([[1, 2, 999]]))
+    with pytest.raises(TypeError, match="int64"):
+        m(torch.zeros(1, 3))
+
+
+def test_bf16_forward_runs():
+    torch.manual_seed(0)
+    m = Mamba2LM(tiny())
+    ids = torch.randint(0, 50, (2, 9))
+    ref = m(ids)
+    out = m.to(torch.bfloat16)(ids)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert rel(out.float(), ref) < 5e-2
+
+
+# -- cache / step ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ngroups", [1, 2])
+@pytest.mark.parametrize("n_prompt", [1, 5, 8, 19])
+def test_prefill_then_step_matches_parallel_fp64(ngroups, n_prompt):
+    torch.manual_seed(n_prompt + 10 * ngroups)
+    m = Mamba2LM(tiny(ngroups=ngroups)).double().eval()
+    ids = torch.randint(0, 50, (3, 23))
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.allocate_inference_cache(3)
+        out = [m(ids[:, :n_prompt], cache=cache)]
+        out += [m.step(ids[:, t], cache)[:, None] for t in range(n_prompt, 23)]
+    assert cache.seqlen_offset == 23
+    assert rel(torch.cat(out, 1), full) < 1e-11
+
+
+@pytest.mark.parametrize("ngroups", [1, 2])
+def test_prefill_then_step_matches_parallel_fp32(ngroups):
+    torch.manual_seed(3)
+    m = Mamba2LM(tiny(ngroups=ngroups)).eval()
+    ids = torch.randint(0, 50, (2, 21))
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.allocate_inference_cache(2)
+        out = [m(ids[:, :11], cache=cache)] + [m.step(ids[:, t:t + 1], cache)[:, None] for t in range(11, 21)]
+    assert rel(torch.cat(out, 1), full) < 1e-4
+
+
+def test_step_from_empty_cache_and_chunked_prefill():
+    torch.manual_seed(0)
+    m = Mamba2LM(tiny(ngroups=2)).double().eval()
+    ids = torch.randint(0, 50, (2, 30))
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.allocate_inference_cache(2)
+        steps = torch.stack([m.step(ids[:, t], cache) for t in range(30)], 1)
+        assert rel(steps, full) < 1e-11
+        cache = m.allocate_inference_cache(2)
+        pieces = [m(ids[:, a:b], cache=cache) for a, b in ((0, 1), (1, 4), (4, 13), (13, 30))]
+        assert rel(torch.cat(pieces, 1), full) < 1e-11
+        one = m.allocate_inference_cache(2)
+        m(ids, cache=one)
+        for s1, s2 in zip(cache.ssm_states + cache.conv_states, one.ssm_states + one.conv_states):
+            assert torch.allclose(s1, s2, rtol=1e-11, atol=1e-13)
+
+
+def test_cache_shapes_size_constant_and_reset():
+    m = Mamba2LM(tiny(ngroups=2)).eval()
+    c = m.config
+    cache = m.allocate_inference_cache(4)
+    assert m.allocate_inference_cache(4, max_seqlen=10**6).nbytes() == cache.nbytes()   # KV-cache style callers
+    assert isinstance(cache, Mamba2Cache) and len(cache.conv_states) == c.n_layer
+    assert cache.conv_states[0].shape == (4, c.conv_dim, c.d_conv)
+    assert cache.ssm_states[0].shape == (4, c.nheads, c.headdim, c.d_state)
+    n0 = cache.nbytes()
+    with torch.no_grad():
+        m(torch.randint(0, 50, (4, 40)), cache=cache)
+        m.step(torch.zeros(4, dtype=torch.long), cache)
+    assert cache.nbytes() == n0 and cache.seqlen_offset == 41
+    assert any(s.abs().sum() > 0 for s in cache.ssm_states)
+    cache.reset()
+    assert cache.seqlen_offset == 0 and all(s.abs().sum() == 0 for s in cache.ssm_states + cache.conv_states)
+    with pytest.raises(ValueError, match="batch"):
+        m.step(torch.zeros(3, dtype=torch.long), cache)
+
+
+def test_bf16_model_cache_keeps_fp32_ssm_state():
+    m = Mamba2LM(tiny()).to(torch.bfloat16).eval()
+    cache = m.allocate_inference_cache(2)
+    assert cache.ssm_states[0].dtype == torch.float32 and cache.conv_states[0].dtype == torch.bfloat16
+    with torch.no_grad():
+        m(torch.randint(0, 50, (2, 7)), cache=cache)
+        out = m.step(torch.ones(2, dtype=torch.long), cache)
+    assert out.shape == (2, 50) and torch.isfinite(out.float()).all()
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tie", [True, False])
+def test_save_load_round_trip(tmp_path, tie):
+    torch.manual_seed(0)
+    m = Mamba2LM(tiny(ngroups=2, tie_embeddings=tie)).eval()
+    m.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == "mamba2" and cfg["ssm_cfg"]["layer"] == "Mamba2"
+    assert (tmp_path / "model.safetensors").is_file()
+    m2 = Mamba2LM.from_pretrained(tmp_path)
+    m3 = load_model(tmp_path)
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(m(ids), m2(ids)) and torch.equal(m(ids), m3(ids))
+    assert (m2.lm_head.weight is m2.backbone.embedding.weight) == tie
+
+
+def test_load_official_folder_pytorch_bin_and_flat_config(tmp_path):
+    torch.manual_seed(0)
+    m = Mamba2LM(tiny(vocab_size=45, pad_vocab_size_multiple=8)).eval()
+    (tmp_path / "config.json").write_text(json.dumps({
+        "d_model": 32, "d_intermediate": 0, "n_layer": 2, "vocab_size": 45,
+        "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "chunk_size": 8},
+        "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+        "pad_vocab_size_multiple": 8, "tie_embeddings": True}))
+    torch.save(m.state_dict(), tmp_path / "pytorch_model.bin")           # official checkpoints store lm_head too
+    m2 = Mamba2LM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 45, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(m(ids), m2(ids))
+    (tmp_path / "config.json").write_text(json.dumps(m.config.to_dict()))  # our flat format reads too
+    assert torch.equal(load_model(tmp_path).lm_head.weight, m.lm_head.weight)
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        Mamba2LM.from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Mamba2LM.from_pretrained(tmp_path)
+    m = Mamba2LM(tiny())
+    m.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        Mamba2LM.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        Mamba2LM.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        Mamba2LM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Mamba2LM.from_pretrained(tmp_path)
+    # weights that do not match the config
+    m.save_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").unlink()
+    (tmp_path / "config.json").write_text(json.dumps(tiny(d_state=16).to_dict()))
+    with pytest.raises(ValueError, match="shape"):
+        Mamba2LM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(tiny(n_layer=3).to_dict()))
+    with pytest.raises(ValueError, match="missing"):
+        Mamba2LM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**tiny().to_dict(), "model_type": "rnn"}))
+    with pytest.raises(ValueError, match="model_type"):
+        load_model(tmp_path)
+
+
+def test_load_model_dispatches_to_transformer(tmp_path):
+    T = pytest.importorskip("snakes_lib.transformer")
+    import dataclasses
+    fields = {f.name for f in dataclasses.fields(T.TransformerConfig)}
+    kw = {k: v for k, v in dict(d_model=32, n_layer=1, vocab_size=50, n_head=2, n_heads=2).items() if k in fields}
+    tf = T.TransformerLM(T.TransformerConfig(**kw)).eval()
+    tf.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    assert type(loaded).__name__ == "TransformerLM"
+    ids = torch.randint(0, 50, (1, 7))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids), tf(ids))

@@ -1,0 +1,324 @@
+"""Tests for snakes_lib.ssd (chapter 03): the recurrent, quadratic and chunked forms agree, states carry over,
+gradients agree, nothing overflows, bad input is reported clearly, and the cost model scales as it should."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+from snakes_lib.ssd import (PeakTensorMemory, check_ssd_inputs, measure_ssd, segsum, semiseparable_matrix, ssd_chunked,
+                            ssd_cost, ssd_cost_explorer, ssd_quadratic, ssd_recurrent, ssd_step)
+
+
+def make_inputs(batch=2, seqlen=37, nheads=4, headdim=8, ngroups=2, dstate=16, dtype=torch.float64, seed=0, dt_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    x = r(batch, seqlen, nheads, headdim)
+    dt = F.softplus(r(batch, seqlen, nheads) - 1) * dt_scale
+    A = -torch.exp(r(nheads) * 0.5)
+    B, C = r(batch, seqlen, ngroups, dstate), r(batch, seqlen, ngroups, dstate)
+    D = r(nheads)
+    h0 = r(batch, nheads, headdim, dstate)
+    return [t.to(dtype) for t in (x, dt, A, B, C, D, h0)]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+# ----------------------------------------------------------------------------------------------- equivalence
+shapes = st.fixed_dictionaries(dict(
+    batch=st.integers(1, 2),
+    seqlen=st.sampled_from([1, 2, 3, 5, 7, 13, 31, 37, 64, 97]),
+    chunk_size=st.sampled_from([1, 2, 3, 5, 7, 16, 24, 64, 100]),
+    ngroups=st.sampled_from([1, 2, 4]),
+    heads_per_group=st.integers(1, 2),
+    headdim=st.sampled_from([1, 3, 8]),
+    dstate=st.sampled_from([1, 4, 16]),
+    use_D=st.booleans(),
+    use_h0=st.booleans(),
+    seed=st.integers(0, 10_000),
+))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shapes)
+def test_three_forms_agree_float64(s):
+    x, dt, A, B, C, D, h0 = make_inputs(s["batch"], s["seqlen"], s["ngroups"] * s["heads_per_group"], s["headdim"],
+                                        s["ngroups"], s["dstate"], seed=s["seed"])
+    D = D if s["use_D"] else None
+    h0 = h0 if s["use_h0"] else None
+    y_r, s_r = ssd_recurrent(x, dt, A, B, C, D=D, initial_state=h0)
+    y_q, s_q = ssd_quadratic(x, dt, A, B, C, D=D, initial_state=h0)
+    y_c, s_c = ssd_chunked(x, dt, A, B, C, chunk_size=s["chunk_size"], D=D, initial_state=h0)
+    assert y_c.shape == x.shape and s_c.shape == (x.shape[0], x.shape[2], x.shape[3], B.shape[3])
+    assert y_c.dtype == s_c.dtype == torch.float64
+    assert rel(y_q, y_r) <= 1e-10 and rel(s_q, s_r) <= 1e-10
+    assert rel(y_c, y_r) <= 1e-10 and rel(s_c, s_r) <= 1e-10
+
+
+@settings(max_examples=15, deadline=None)
+@given(shapes)
+def test_three_forms_agree_float32(s):
+    x, dt, A, B, C, D, h0 = make_inputs(s["batch"], s["seqlen"], s["ngroups"] * s["heads_per_group"], s["headdim"],
+                                        s["ngroups"], s["dstate"], seed=s["seed"])
+    y_ref, s_ref = ssd_recurrent(x, dt, A, B, C, D=D, initial_state=h0)
+    f32 = [t.float() for t in (x, dt, A, B, C, D, h0)]
+    for y, st_ in (ssd_recurrent(*f32[:5], D=f32[5], initial_state=f32[6]),
+                   ssd_quadratic(*f32[:5], D=f32[5], initial_state=f32[6]),
+                   ssd_chunked(*f32[:5], chunk_size=s["chunk_size"], D=f32[5], initial_state=f32[6])):
+        assert y.dtype == torch.float32
+        assert rel(y, y_ref) <= 1e-4 and rel(st_, s_ref) <= 1e-4
+
+
+def test_longer_sequence_many_chunk_sizes():
+    x, dt, A, B, C, D, h0 = make_inputs(batch=1, seqlen=257, nheads=4, ngroups=4, dstate=8)
+    y_r, s_r = ssd_recurrent(x, dt, A, B, C, D=D, initial_state=h0)
+    for cs in (1, 17, 64, 256, 257, 1000):
+        y_c, s_c = ssd_chunked(x, dt, A, B, C, chunk_size=cs, D=D, initial_state=h0)
+        assert rel(y_c, y_r) <= 1e-10 and rel(s_c, s_r) <= 1e-10, cs
+
+
+def test_empty_sequence():
+    x, dt, A, B, C, D, h0 = make_inputs(seqlen=0)
+    for fn in (ssd_recurrent, ssd_quadratic, lambda *a, **k: ssd_chunked(*a, chunk_size=4, **k)):
+        y, s = fn(x, dt, A, B, C, D=D, initial_state=h0)
+        assert y.shape == x.shape and torch.equal(s, h0)
+
+
+@pytest.mark.parametrize("ngroups", [1, 2, 4])
+def test_gradients_agree_float64(ngroups):
+    inputs = make_inputs(batch=2, seqlen=23, nheads=4, headdim=3, ngroups=ngroups, dstate=5, seed=ngroups)
+    g = torch.Generator().manual_seed(7)
+    wy, ws = torch.randn(2, 23, 4, 3, generator=g, dtype=torch.float64), torch.randn(2, 4, 3, 5, generator=g, dtype=torch.float64)
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        y, s = fn(*leaves[:5], D=leaves[5], initial_state=leaves[6])
+        ((y * wy).sum() + (s * ws).sum()).backward()
+        return [t.grad for t in leaves]
+
+    ref = grads(ssd_recurrent)
+    for fn in (ssd_quadratic, lambda *a, **k: ssd_chunked(*a, chunk_size=5, **k)):
+        for name, g_ref, g_fn in zip(("x", "dt", "A", "B", "C", "D", "initial_state"), ref, grads(fn)):
+            assert g_fn is not None and rel(g_fn, g_ref) <= 1e-10, name
+
+
+def test_gradcheck_chunked():
+    x, dt, A, B, C, D, h0 = make_inputs(batch=1, seqlen=6, nheads=2, headdim=2, ngroups=1, dstate=3)
+    leaves = [t.requires_grad_() for t in (x, dt, A, B, C, D, h0)]
+    assert torch.autograd.gradcheck(lambda *t: ssd_chunked(*t[:5], chunk_size=4, D=t[5], initial_state=t[6]), leaves)
+
+
+# ----------------------------------------------------------------------------------------------- states
+@pytest.mark.parametrize("cut", [1, 16, 30, 36])
+def test_split_sequence_carries_state(cut):
+    x, dt, A, B, C, D, h0 = make_inputs()
+    y_full, s_full = ssd_chunked(x, dt, A, B, C, chunk_size=8, D=D, initial_state=h0)
+    y1, s1 = ssd_chunked(x[:, :cut], dt[:, :cut], A, B[:, :cut], C[:, :cut], chunk_size=8, D=D, initial_state=h0)
+    y2, s2 = ssd_chunked(x[:, cut:], dt[:, cut:], A, B[:, cut:], C[:, cut:], chunk_size=8, D=D, initial_state=s1)
+    assert rel(torch.cat([y1, y2], 1), y_full) <= 1e-10 and rel(s2, s_full) <= 1e-10
+    # the quadratic form carries state too
+    q1, t1 = ssd_quadratic(x[:, :cut], dt[:, :cut], A, B[:, :cut], C[:, :cut], D=D, initial_state=h0)
+    q2, t2 = ssd_quadratic(x[:, cut:], dt[:, cut:], A, B[:, cut:], C[:, cut:], D=D, initial_state=t1)
+    assert rel(torch.cat([q1, q2], 1), y_full) <= 1e-10 and rel(t2, s_full) <= 1e-10
+
+
+def test_initial_state_matters():
+    x, dt, A, B, C, D, h0 = make_inputs()
+    y0, _ = ssd_chunked(x, dt, A, B, C, chunk_size=8, D=D)
+    y1, _ = ssd_chunked(x, dt, A, B, C, chunk_size=8, D=D, initial_state=h0)
+    assert rel(y0, y1) > 1e-3
+
+
+def test_step_iterated_equals_recurrent():
+    x, dt, A, B, C, D, h0 = make_inputs(ngroups=4)
+    y_r, s_r = ssd_recurrent(x, dt, A, B, C, D=D, initial_state=h0)
+    state, ys = h0, []
+    for t in range(x.shape[1]):
+        y_t, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+        assert y_t.shape == (2, 4, 8)
+        ys.append(y_t)
+    assert rel(torch.stack(ys, 1), y_r) <= 1e-13 and rel(state, s_r) <= 1e-13
+
+
+# ----------------------------------------------------------------------------------------------- stability
+def test_segsum_values_and_stability():
+    a = torch.tensor([-1.0, -2.0, -3.0, -4.0], dtype=torch.float64)
+    s = segsum(a)
+    expected = torch.tensor([[0, -math.inf, -math.inf, -math.inf], [-2, 0, -math.inf, -math.inf],
+                             [-5, -3, 0, -math.inf], [-9, -7, -4, 0]], dtype=torch.float64)
+    assert torch.equal(s, expected)
+    g = torch.Generator().manual_seed(0)
+    a = -5 * torch.rand(2, 3000, generator=g, dtype=torch.float64)
+    ref = torch.exp(segsum(a))
+    got = torch.exp(segsum(a.float())).double()
+    mask = ref > 1e-6
+    assert ((got - ref).abs() / ref)[mask].max() < 1e-5       # cumsum differences give ~1e-3 here
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strong_decay_long_sequence_is_finite(dtype):
+    x, dt, A, B, C, D, h0 = make_inputs(batch=1, seqlen=4000, nheads=2, headdim=4, ngroups=1, dstate=8,
+                                        dtype=torch.float32, dt_scale=100.0)
+    leaves = [t.to(dtype).requires_grad_() for t in (x, dt, A, B, C, D, h0)]
+    for fn in (lambda *a, **k: ssd_chunked(*a, chunk_size=64, **k), lambda *a, **k: ssd_chunked(*a, chunk_size=37, **k)):
+        y, s = fn(*leaves[:5], D=leaves[5], initial_state=leaves[6])
+        (y.float().sum() + s.float().sum()).backward()
+        assert torch.isfinite(y).all() and torch.isfinite(s).all()
+        for t in leaves:
+            assert torch.isfinite(t.grad).all()
+            t.grad = None
+
+
+def test_quadratic_strong_decay_is_finite():
+    x, dt, A, B, C, D, h0 = make_inputs(batch=1, seqlen=600, nheads=2, headdim=4, ngroups=1, dstate=8,
+                                        dtype=torch.float32, dt_scale=100.0)
+    leaves = [t.requires_grad_() for t in (x, dt, A, B, C, D, h0)]
+    y, s = ssd_quadratic(*leaves[:5], D=leaves[5], initial_state=leaves[6])
+    (y.sum() + s.sum()).backward()
+    assert torch.isfinite(y).all() and all(torch.isfinite(t.grad).all() for t in leaves)
+
+
+def test_bfloat16_close_to_float32():
+    x, dt, A, B, C, D, h0 = make_inputs(batch=2, seqlen=300, nheads=4, headdim=16, ngroups=2, dstate=16, dtype=torch.float32)
+    y32, s32 = ssd_chunked(x, dt, A, B, C, chunk_size=64, D=D, initial_state=h0)
+    y16, s16 = ssd_chunked(*(t.bfloat16() for t in (x, dt, A, B, C)), chunk_size=64, D=D.bfloat16(), initial_state=h0.bfloat16())
+    assert y16.dtype == s16.dtype == torch.bfloat16
+    assert rel(y16, y32) <= 1e-2 and rel(s16, s32) <= 1e-2
+    # float32 decay parameters with bfloat16 activations (as the official kernels take them)
+    y16b, _ = ssd_chunked(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), chunk_size=64, D=D, initial_state=h0.bfloat16())
+    assert rel(y16b, y32) <= 1e-2
+
+
+def test_semiseparable_matrix_matches_recurrence_and_is_low_rank():
+    x, dt, A, B, C, _, _ = make_inputs(batch=1, seqlen=30, nheads=2, headdim=3, ngroups=1, dstate=3)
+    M = semiseparable_matrix(dt, A, B, C)
+    assert M.shape == (1, 2, 30, 30) and torch.equal(M.triu(1), torch.zeros_like(M))
+    y = torch.einsum("bhls,bshp->blhp", M, x * dt[..., None])
+    assert rel(y, ssd_recurrent(x, dt, A, B, C)[0]) <= 1e-12
+    assert torch.linalg.matrix_rank(M[0, 0, 12:, :13]).item() <= 3
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def good():
+    return dict(zip(("x", "dt", "A", "B", "C", "D", "initial_state"),
+                    make_inputs(batch=2, seqlen=5, nheads=4, headdim=3, ngroups=2, dstate=6)))
+
+
+@pytest.mark.parametrize("change, pattern", [
+    (dict(x=torch.randn(2, 5, 4)), r"x must be \(batch, seqlen, nheads, headdim\), got shape \(2, 5, 4\)"),
+    (dict(dt=torch.rand(2, 5, 3, dtype=torch.float64)), r"dt must be \(batch, seqlen, nheads\) = \(2, 5, 4\).*got \(2, 5, 3\)"),
+    (dict(A=-torch.rand(3, dtype=torch.float64)), r"A must be \(nheads,\) = \(4,\).*got \(3,\)"),
+    (dict(B=torch.randn(2, 6, 2, 6, dtype=torch.float64)), r"B must be \(batch, seqlen, ngroups, dstate\).*got \(2, 6, 2, 6\)"),
+    (dict(C=torch.randn(2, 5, 2, 7, dtype=torch.float64)), r"C must have the shape of B \(2, 5, 2, 6\), got \(2, 5, 2, 7\)"),
+    (dict(B=torch.randn(2, 5, 3, 6, dtype=torch.float64), C=torch.randn(2, 5, 3, 6, dtype=torch.float64)),
+     r"nheads \(4, from x \(2, 5, 4, 3\)\) must be a multiple of ngroups \(3, from B \(2, 5, 3, 6\)\)"),
+    (dict(D=torch.randn(3, dtype=torch.float64)), r"D must be \(nheads,\) = \(4,\) or None, got \(3,\)"),
+    (dict(initial_state=torch.randn(2, 4, 3, 5, dtype=torch.float64)),
+     r"initial_state must be \(batch, nheads, headdim, dstate\) = \(2, 4, 3, 6\), got \(2, 4, 3, 5\)"),
+    (dict(dt=-torch.ones(2, 5, 4, dtype=torch.float64)), r"dt must be positive.*-1"),
+    (dict(dt=torch.zeros(2, 5, 4, dtype=torch.float64)), r"dt must be positive"),
+    (dict(B=torch.randn(2, 5, 2, 6, dtype=torch.float32), C=torch.randn(2, 5, 2, 6, dtype=torch.float32)),
+     r"B has dtype torch.float32 but x has torch.float64"),
+    (dict(A=-torch.rand(4).half()), r"A has dtype torch.float16"),
+    (dict(x=[[1.0]]), r"x must be a torch.Tensor, got list"),
+    (dict(B=torch.ones(2, 5, 2, 6, dtype=torch.long)), r"B must be a floating-point tensor, got dtype torch.int64"),
+])
+def test_bad_input_message(change, pattern):
+    kw = good()
+    kw.update(change)
+    for fn in (ssd_recurrent, ssd_quadratic, ssd_chunked):
+        with pytest.raises(ValueError, match=pattern):
+            fn(**kw)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -3, 2.5, True, "64"])
+def test_bad_chunk_size(chunk_size):
+    with pytest.raises(ValueError, match=r"chunk_size must be an integer >= 1, got"):
+        ssd_chunked(**good(), chunk_size=chunk_size)
+
+
+def test_check_returns_sizes():
+    assert check_ssd_inputs(**good()) == (2, 5, 4, 3, 2, 6)
+
+
+# ----------------------------------------------------------------------------------------------- costs
+def test_cost_scaling():
+    kw = dict(chunk_size=64, dstate=64, nheads=8, headdim=64, ngroups=2)
+    c1, c2 = ssd_cost(seqlen=1024, **kw), ssd_cost(seqlen=4096, **kw)
+    assert c1["nchunks"] == 16 and c2["nchunks"] == 64
+    for form in ("chunked", "recurrent"):
+        assert c2[form]["flops"] == 4 * c1[form]["flops"]
+        assert c2[form]["bytes"] == 4 * c1[form]["bytes"]
+    for step in c1["steps"]:
+        assert c2["steps"][step]["flops"] == 4 * c1["steps"][step]["flops"]
+    assert 15 < c2["quadratic"]["flops"] / c1["quadratic"]["flops"] <= 16
+    assert 14 < c2["quadratic"]["peak_bytes"] / c1["quadratic"]["peak_bytes"] <= 16
+    assert c2["chunked"]["peak_bytes"] == 4 * c1["chunked"]["peak_bytes"]
+    # batch is a plain multiplier; state size: steps 2-4 linear in dstate
+    assert ssd_cost(1024, batch=3, **kw)["chunked"]["flops"] == 3 * c1["chunked"]["flops"]
+    n1, n2 = ssd_cost(1024, 64, 32, 8, 64), ssd_cost(1024, 64, 64, 8, 64)
+    for step in ("2 chunk states", "3 state passing"):
+        assert n2["steps"][step]["flops"] > 1.9 * n1["steps"][step]["flops"]
+    # step 1 grows with the chunk size, step 3 shrinks with it
+    q1, q2 = ssd_cost(1024, 32, 64, 8, 64), ssd_cost(1024, 128, 64, 8, 64)
+    assert q2["steps"]["1 diagonal blocks"]["flops"] > 3.9 * q1["steps"]["1 diagonal blocks"]["flops"]
+    assert q2["steps"]["3 state passing"]["flops"] * 4 == q1["steps"]["3 state passing"]["flops"]
+    # at chunk_size == seqlen, the diagonal blocks are the whole quadratic form's matmuls
+    full = ssd_cost(256, 256, 16, 4, 8)
+    assert full["steps"]["1 diagonal blocks"]["flops"] < full["quadratic"]["flops"]
+    # padding: a ragged last chunk costs a whole chunk
+    assert ssd_cost(1000, 64, 16, 4, 8)["nchunks"] == 16
+
+
+def test_cost_checks_arguments():
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer, got 0"):
+        ssd_cost(128, 0, 16, 4, 8)
+    with pytest.raises(ValueError, match=r"nheads \(4\) must be a multiple of ngroups \(3\)"):
+        ssd_cost(128, 16, 16, 4, 8, ngroups=3)
+
+
+def test_peak_tensor_memory_counts_live_storage():
+    with PeakTensorMemory() as mem:
+        a = torch.ones(1000, 1000)            # 4 MB
+        v = a[:10]                            # a view: no new storage
+        b = a * 2                             # 8 MB live
+        del a, v
+        c = torch.ones(500, 1000)             # 4 + 2 = 6 MB live
+    assert mem.peak == 8_000_000 and mem.live == 6_000_000
+    del b, c
+
+
+def test_measure_ssd_memory_linear_vs_quadratic():
+    kw = dict(dstate=16, nheads=2, headdim=16, repeats=1)
+    ch = [measure_ssd("chunked", seqlen=L, chunk_size=32, **kw)["peak_bytes"] for L in (256, 1024)]
+    qu = [measure_ssd("quadratic", seqlen=L, **kw)["peak_bytes"] for L in (256, 1024)]
+    assert 3 < ch[1] / ch[0] < 5          # x4 length -> ~x4 memory
+    assert 12 < qu[1] / qu[0] < 17        # x4 length -> ~x16 memory
+    m = measure_ssd("recurrent", seqlen=32, backward=True, **kw)
+    assert m["time_s"] > 0 and m["peak_bytes"] > 0 and "PeakTensorMemory" in m["memory_method"]
+    with pytest.raises(ValueError, match="form must be one of"):
+        measure_ssd("fast")
+
+
+def test_cost_explorer_callback():
+    import matplotlib.pyplot as plt
+    res = ssd_cost_explorer(chunk_size=24, dstate=32, seqlen=256, nheads=2, headdim=8, measure=True,
+                            chunk_sizes=(8, 16, 64), dstates=(16, 64), repeats=1)
+    try:
+        assert res["chunk_size"] == 24 and res["dstate"] == 32 and res["seqlen"] == 256
+        assert res["sweep"]["chunk_size"]["values"] == [8, 16, 24, 64]     # the chosen value joins the sweep
+        assert res["sweep"]["dstate"]["values"] == [16, 32, 64]
+        assert res["gflops"] == pytest.approx(ssd_cost(256, 24, 32, 2, 8)["chunked"]["flops"] / 1e9)
+        assert res["best_chunk_size"] in (8, 16, 24, 64)
+        assert res["time_ms"] > 0 and res["peak_mib"] > 0
+        assert len(res["figure"].axes) == 8
+        g = res["sweep"]["dstate"]["gflops"]
+        assert g[0] < g[1] < g[2]                                          # more state, more work
+    finally:
+        plt.close(res["figure"])
+    res = ssd_cost_explorer(chunk_size=16, dstate=16, seqlen=128, nheads=2, headdim=8, measure=False)
+    assert res["time_ms"] is None and res["peak_mib"] is None
+    plt.close(res["figure"])

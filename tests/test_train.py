@@ -1,0 +1,262 @@
+"""The trainer (chapter 06): chunked cross-entropy, schedule, optimizer groups, checkpoints, exact resume,
+NaN handling, tokenizer checks, clear errors. Every run here is a ~30k-parameter Mamba-2 on a tiny corpus."""
+import json
+import math
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from snakes_lib.presets import resolve_preset
+from snakes_lib.train import (CheckpointCorruptError, NonFiniteLossError, RunDirError, Trainer, chunked_cross_entropy,
+                              find_checkpoint, list_checkpoints, load_run, lr_at, make_optimizer, no_weight_decay,
+                              optimizer_from_safetensors, optimizer_to_safetensors, read_metrics, train,
+                              verify_checkpoint)
+
+WORDS = ("the snake a girl named Maia found small red ball garden cat ran happy tree river sun moon "
+         "slow quick under over and then she he it was is to in on").split()
+MICRO = {"d_model": 32, "n_layer": 1, "d_state": 8, "headdim": 16, "chunk_size": 16}
+
+
+def make_corpus(root: Path, n_docs: int = 24, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(60, 120))]
+        (root / f"doc_{i:03d}.txt").write_text(" ".join(words).capitalize() + ".\n")
+    return root
+
+
+def tiny_cfg(tmp_path: Path, name: str = "run", **kw):
+    base = dict(out=str(tmp_path / name), data=[str(tmp_path / "corpus")], device="cpu", model_config=dict(MICRO),
+                vocab_size=300, batch_size=4, seq_len=24, max_steps=8, warmup_steps=2, eval_every=4, eval_batches=2,
+                checkpoint_every=4, progress=False, val_fraction=0.2, patience=0,
+                cache_dir=str(tmp_path / "tokens"))
+    base.update(kw)
+    return resolve_preset("cpu", **base)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return make_corpus(tmp_path / "corpus")
+
+
+# ---- chunked cross-entropy --------------------------------------------------------------------------------
+@pytest.mark.parametrize("rows,chunk", [(37, 1), (37, 8), (37, 37), (37, 100), (5, 2)])
+def test_chunked_ce_equals_plain_ce_values_and_grads(rows, chunk):
+    g = torch.Generator().manual_seed(rows * 31 + chunk)
+    d, vocab = 12, 29
+    h = torch.randn(rows, d, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(vocab, d, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(vocab, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, vocab, (rows,), generator=g)
+    t[::5] = -100                                            # ignored positions count in neither form
+    ref = F.cross_entropy(F.linear(h, w, b), t, ignore_index=-100)
+    ref_grads = torch.autograd.grad(ref, (h, w, b))
+    out = chunked_cross_entropy(h, w, t, bias=b, chunk_rows=chunk)
+    grads = torch.autograd.grad(out, (h, w, b))
+    assert abs(out.item() - ref.item()) < 1e-12
+    for a, r in zip(grads, ref_grads):
+        assert torch.allclose(a, r, atol=1e-12, rtol=0)
+
+
+def test_chunked_ce_batched_shapes_match_plain():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(3, 11, 8, dtype=torch.float64, generator=g)
+    w = torch.randn(50, 8, dtype=torch.float64, generator=g)
+    t = torch.randint(0, 50, (3, 11), generator=g)
+    ref = F.cross_entropy((h @ w.T).reshape(-1, 50), t.reshape(-1))
+    assert torch.allclose(chunked_cross_entropy(h, w, t, chunk_rows=7), ref, atol=1e-12)
+    with pytest.raises(ValueError, match="rows"):
+        chunked_cross_entropy(h, w, t[:, :5])
+
+
+# ---- schedule and optimizer -------------------------------------------------------------------------------
+def test_lr_schedule_warmup_cosine_floor():
+    lrs = [lr_at(s, 1.0, 0.1, 10, 100) for s in range(120)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a <= b + 1e-12 for a, b in zip(lrs[:10], lrs[1:10]))        # rising during warmup
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[10:100], lrs[11:100]))   # falling after
+    assert lrs[55] == pytest.approx(0.1 + 0.45, abs=0.02)                    # half-way down the cosine
+    assert all(lr == pytest.approx(0.1) for lr in lrs[100:])
+
+
+def test_weight_decay_groups_on_mamba2():
+    from snakes_lib.model import Mamba2Config, Mamba2LM
+    m = Mamba2LM(Mamba2Config(vocab_size=64, **MICRO))
+    names = {n: no_weight_decay(n, p) for n, p in m.named_parameters()}
+    for n, nd in names.items():
+        last = n.split(".")[-1]
+        if last in ("dt_bias", "A_log", "D", "bias") or "norm" in n:
+            assert nd, f"{n} must not be decayed"
+    assert not names["backbone.layers.0.mixer.in_proj.weight"]
+    assert not names["backbone.layers.0.mixer.out_proj.weight"]
+    opt = make_optimizer(m, 1e-3, 0.1)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+    assert id(m.backbone.layers[0].mixer.A_log) not in decayed
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_opt == m.num_parameters()                                       # tied weights counted once
+
+
+def test_optimizer_state_round_trips_through_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7))
+    opt = make_optimizer(m, 1e-2, 0.1)
+    for _ in range(3):
+        m(torch.randn(4, 5)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    tensors, meta = optimizer_to_safetensors(opt)
+    save_file(tensors, str(tmp_path / "o.safetensors"))
+    (tmp_path / "o.json").write_text(json.dumps(meta))
+    opt2 = make_optimizer(m, 1e-2, 0.1)
+    opt2.load_state_dict(optimizer_from_safetensors(load_file(str(tmp_path / "o.safetensors")),
+                                                    json.loads((tmp_path / "o.json").read_text())))
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for i in a["state"]:
+        for k, v in a["state"][i].items():
+            assert torch.equal(v, b["state"][i][k]), (i, k)
+
+
+# ---- exact resume ------------------------------------------------------------------------------------------
+def _losses(run_dir):
+    return [(r["step"], r["train_loss"]) for r in read_metrics(run_dir) if "train_loss" in r]
+
+
+def _vals(run_dir):
+    return [(r["step"], r["val_loss"]) for r in read_metrics(run_dir) if "val_loss" in r]
+
+
+def _interrupt_at(step):
+    def cb(trainer):
+        if trainer.step == step:
+            raise KeyboardInterrupt
+    return cb
+
+
+def test_resume_is_bit_for_bit(corpus, tmp_path):
+    full = train(tiny_cfg(tmp_path, "full", max_steps=10))
+    assert full.step == 10 and full.stop_reason == "max_steps"
+    # interrupted (Ctrl-C) at step 6, between checkpoints, then resumed to the same max_steps
+    part = Trainer(tiny_cfg(tmp_path, "cut", max_steps=10), callbacks=[_interrupt_at(6)]).fit()
+    assert part.stop_reason == "interrupted" and part.step == 6
+    assert find_checkpoint(tmp_path / "cut").name == "step_0000006"          # Ctrl-C saved a checkpoint
+    with pytest.raises(RunDirError, match="--resume"):                        # no silent overwrite
+        train(tiny_cfg(tmp_path, "cut", max_steps=10))
+    rest = train(tiny_cfg(tmp_path, "cut", max_steps=10, resume=True))
+    assert rest.step == 10
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")           # exact floats
+    assert _vals(tmp_path / "cut") == _vals(tmp_path / "full")
+    a, b = full.model.state_dict(), rest.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_max_steps_counts_across_resumes(corpus, tmp_path):
+    full = train(tiny_cfg(tmp_path, "full", max_steps=9, lr_decay_steps=9))
+    first = train(tiny_cfg(tmp_path, "two", max_steps=5, lr_decay_steps=9))
+    assert first.step == 5
+    second = train(tiny_cfg(tmp_path, "two", max_steps=9, resume=True))
+    assert second.step == 9 and full.step == 9
+    assert _losses(tmp_path / "two") == _losses(tmp_path / "full")
+    again = train(tiny_cfg(tmp_path, "two", max_steps=9, resume=True))       # already there: no more steps
+    assert again.step == 9 and len(_losses(tmp_path / "two")) == 9
+
+
+# ---- checkpoints on disk -----------------------------------------------------------------------------------
+def test_truncated_checkpoint_falls_back_to_previous(corpus, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_cfg(tmp_path, "run", max_steps=8, keep_checkpoints=3))
+    ckpts = list_checkpoints(run)
+    assert [c.name for c in ckpts] == ["step_0000004", "step_0000008"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_0000008"
+    weights = ckpts[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointCorruptError, match="truncated"):
+        verify_checkpoint(ckpts[-1])
+    with pytest.warns(UserWarning, match="corrupt"):
+        assert find_checkpoint(run) == ckpts[0]
+    with pytest.warns(UserWarning, match="corrupt"):
+        res = train(tiny_cfg(tmp_path, "run", max_steps=8, resume=True))
+    assert res.step == 8                                  # redid steps 5-8 from the good checkpoint
+    # a half-written temp folder (crash while saving) is ignored
+    (run / "checkpoints" / ".tmp-step_0000012-1").mkdir()
+    assert find_checkpoint(run).name == "step_0000008"
+
+
+def test_load_run_errors_and_fallback(corpus, tmp_path):
+    with pytest.raises(RunDirError, match="does not exist"):
+        load_run(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunDirError, match="tokenizer.json"):
+        load_run(tmp_path / "empty")
+    res = train(tiny_cfg(tmp_path, "run", max_steps=4))
+    model, tok = load_run(tmp_path / "run")
+    assert not model.training and tok.fingerprint == res.tokenizer.fingerprint
+    top = tmp_path / "run" / "model.safetensors"
+    top.write_bytes(top.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="falling back"):
+        model2, _ = load_run(tmp_path / "run")
+    x = torch.randint(0, 200, (1, 9))
+    ck_model = res.model.eval()
+    assert torch.equal(model2(x), ck_model(x))            # the step-4 checkpoint is the final model here
+
+
+# ---- failures ----------------------------------------------------------------------------------------------
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
+    def poison(trainer):
+        if trainer.step == 5:
+            with torch.no_grad():
+                trainer.model.backbone.norm_f.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"nan at step 6.*step_0000004"):
+        Trainer(tiny_cfg(tmp_path, "nan", max_steps=10), callbacks=[poison]).fit()
+    ckpts = list_checkpoints(tmp_path / "nan")
+    assert [c.name for c in ckpts] == ["step_0000004"]
+    verify_checkpoint(ckpts[0])
+    state = json.loads((ckpts[0] / "trainer_state.json").read_text())
+    assert state["step"] == 4
+    assert max(r["step"] for r in read_metrics(tmp_path / "nan")) == 5   # nothing logged for the bad step
+
+
+def test_tokenizer_mismatch_on_resume(corpus, tmp_path):
+    from snakes_lib.tokenizer import SnakesTokenizer, TokenizerMismatchError
+    train(tiny_cfg(tmp_path, "run", max_steps=4))
+    other = SnakesTokenizer.train(["completely different text " * 50, "zebra quartz " * 40], vocab_size=280)
+    other.save(tmp_path / "run" / "tokenizer.json")
+    with pytest.raises(TokenizerMismatchError):
+        train(tiny_cfg(tmp_path, "run", max_steps=8, resume=True))
+
+
+def test_empty_data_folder_is_a_clear_error(tmp_path):
+    from snakes_lib.data import EmptyDataError
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EmptyDataError):
+        train(tiny_cfg(tmp_path, "run", data=[str(tmp_path / "empty")]))
+    with pytest.raises(EmptyDataError, match="not found"):
+        train(tiny_cfg(tmp_path, "run2", data=[str(tmp_path / "missing")]))
+
+
+def test_resume_without_checkpoint_is_a_clear_error(corpus, tmp_path):
+    with pytest.raises(RunDirError, match="no finished checkpoint"):
+        train(tiny_cfg(tmp_path, "run", resume=True))
+
+
+def test_early_stopping_and_outputs(corpus, tmp_path):
+    # a huge min_delta: no evaluation counts as an improvement after the first, so patience 2 stops at step 12
+    res = train(tiny_cfg(tmp_path, "run", max_steps=40, patience=2, min_delta=100.0))
+    assert res.stop_reason == "early_stopping" and res.step == 12
+    assert res.best_step == 4
+    run = tmp_path / "run"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "train_config.json", "metrics.jsonl",
+                 "loss.png", "export.json"):
+        assert (run / name).exists(), name
+    assert json.loads((run / "export.json").read_text())["step"] == 4     # the best model is the exported one
+    recs = read_metrics(run)
+    assert all("step" in r and ("train_loss" in r or "val_loss" in r) for r in recs)
+    assert math.isclose(recs[-1]["val_ppl"], math.exp(recs[-1]["val_loss"]), rel_tol=1e-9)
