@@ -32,17 +32,19 @@ GiB = 2**30
 
 
 def measure(name: str, size: str, vocab: int, batch: int, seq_len: int, ckpt: bool, chunked: bool, device: str,
-            steps: int, budget_gb: float | None, model_config: dict | None = None, precision: str = "auto") -> dict:
+            steps: int, budget_gb: float | None, model_config: dict | None = None, precision: str = "auto",
+            recompute_ssd: bool = False) -> dict:
     cfg = resolve_preset("cpu", model_size=size, vocab_size=vocab, batch_size=batch, seq_len=seq_len,
                          activation_checkpointing=ckpt, chunked_ce=chunked, model_config=model_config, device=device)
     prec = resolve_precision(precision, device)
     row = dict(name=name, size=size, seq_len=seq_len, batch=batch, vocab=vocab, ckpt=ckpt, chunked_ce=chunked,
-               precision=prec, budget_gb=budget_gb)
+               recompute_ssd=recompute_ssd, precision=prec, budget_gb=budget_gb)
     model = opt = None
     try:
         torch.manual_seed(0)
         model = build_model("mamba2", model_config_for(cfg, vocab)).to(device)
         model.gradient_checkpointing = ckpt
+        model.recompute_ssd = recompute_ssd
         model.train()
         row["params"] = model.num_parameters()
         opt = make_optimizer(model, 1e-4, 0.1, device_type=device.split(":")[0])
@@ -129,9 +131,20 @@ def main(argv=None) -> int:
             rows.append(measure(name, p.model_size, p.vocab_size, p.batch_size, p.seq_len, p.activation_checkpointing,
                                 p.chunked_ce, device, args.steps, p.budget_gb))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
-        for ck, goal in ((True, 2.5), (False, 6.0)):
-            r = measure(f"ys-71m{' +ckpt+chunkCE' if ck else ' plain'}", "ys-71m", 28590, 64, 128, ck, ck, device,
-                        args.steps, None)
+        # The original project observed 21.9 GB here. Goals: <= 2.5 GB with block checkpointing and chunked CE;
+        # <= 6 GB without block checkpointing (chunked CE, and the SSD core recomputed in backward as the official
+        # fused kernels do). The other two rows show what each saver buys.
+        variants = (("ys-71m plain", False, False, False, None),
+                    ("ys-71m +chunkCE", False, True, False, None),
+                    ("ys-71m +chunkCE +recomputeSSD", False, True, True, 6.0),
+                    ("ys-71m +ckpt+chunkCE", True, True, False, 2.5))
+        for name, ck, chunked, recompute, goal in variants:
+            r = measure(name, "ys-71m", 28590, 64, 128, ck, chunked, device, args.steps, None,
+                        recompute_ssd=recompute)
+            if goal is None:
+                rows.append(r)
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+                continue
             r["goal_gb"] = goal
             if "peak_reserved_gb" in r:
                 r["ok"] = r["peak_reserved_gb"] <= goal

@@ -231,6 +231,9 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=False)
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
+        # Training-memory knob (not part of the config): recompute the SSD core and the gated norm in the backward
+        # pass instead of storing their float32 intermediates, as the official fused kernels do.
+        self.recompute_ssd = False
 
     def _ssm_params(self, dt):
         "dt (..., nheads) raw -> (positive dt, A (nheads,), D (nheads,)), float32 or float64."
@@ -257,6 +260,16 @@ class Mamba2Mixer(nn.Module):
             conv_state.copy_(history[:, :, -c.d_conv:])
             xBC_t = history[:, :, 1:]                                          # last d_conv-1 inputs, then the new
         xBC = F.silu(F.conv1d(xBC_t, w, bias, groups=self.conv_dim)).transpose(1, 2)   # (b, l, conv_dim)
+        if self.recompute_ssd and ssm_state is None and self.training and torch.is_grad_enabled():
+            y = torch.utils.checkpoint.checkpoint(self._ssd_gated, xBC, dt, z, use_reentrant=False)
+        else:
+            y = self._ssd_gated(xBC, dt, z, ssm_state)
+        return self.out_proj(y)
+
+    def _ssd_gated(self, xBC, dt, z, ssm_state=None):
+        "SSD over the conv output, then the gated norm. xBC (b, l, conv_dim), dt (b, l, nheads), z (b, l, d_inner)."
+        c = self.config
+        b, l, _ = xBC.shape
         x, B, C = self._split_xBC(xBC)
         dt, A, D = self._ssm_params(dt)                                        # (b, l, nheads), (nheads,) x2
         y, final = ssd_chunked(x.reshape(b, l, self.nheads, c.headdim), dt, A,
@@ -265,8 +278,7 @@ class Mamba2Mixer(nn.Module):
                                initial_state=None if ssm_state is None else ssm_state.to(x.dtype))
         if ssm_state is not None:
             ssm_state.copy_(final)
-        y = self.norm(y.reshape(b, l, self.d_inner), z)
-        return self.out_proj(y)
+        return self.norm(y.reshape(b, l, self.d_inner), z)
 
     def step(self, u, conv_state, ssm_state):
         "One token. u: (batch, d_model) -> (batch, d_model); conv_state and ssm_state are updated in place."
@@ -381,6 +393,16 @@ class Mamba2LM(nn.Module):
                     mod.bias.zero_()
         if not c.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=c.initializer_range)
+
+    @property
+    def recompute_ssd(self) -> bool:
+        "True: every mixer recomputes its SSD core in the backward pass (less activation memory, ~one more SSD forward)."
+        return all(block.mixer.recompute_ssd for block in self.backbone.layers)
+
+    @recompute_ssd.setter
+    def recompute_ssd(self, value: bool):
+        for block in self.backbone.layers:
+            block.mixer.recompute_ssd = bool(value)
 
     # -- the parallel path ----------------------------------------------------------------------------------
     def _check_ids(self, input_ids):

@@ -108,6 +108,7 @@ class TrainConfig:
     # memory and speed
     precision: str = "auto"           # auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs that have it, else fp16; fp32 on CPU)
     activation_checkpointing: bool = False
+    recompute_ssd: bool = False       # Mamba-2 only: recompute each layer's SSD core in backward (less memory, ~10% slower)
     chunked_ce: bool = False          # cross-entropy in row chunks, never all logits at once
     ce_chunk_rows: int = 1024         # rows per chunk: 1024 x 28k vocab x 10 bytes = 0.3 GB at a time
     compile: bool = False             # torch.compile the model

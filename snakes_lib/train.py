@@ -574,6 +574,10 @@ class Trainer:
         self.model_config = model_config_for(cfg, self.tokenizer.vocab_size)
         self.model = build_model(cfg.model_type, self.model_config).to(self.device)
         self.model.gradient_checkpointing = cfg.activation_checkpointing
+        if cfg.recompute_ssd:
+            if not hasattr(self.model, "recompute_ssd"):
+                raise ValueError(f"recompute_ssd applies to Mamba-2 models; {cfg.model_type!r} has no SSD to recompute")
+            self.model.recompute_ssd = True
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.hidden = torch.compile(self.model.hidden_states) if (cfg.compile and cfg.chunked_ce) else None
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
