@@ -172,8 +172,8 @@ def cmd_demo(args) -> int:
 
 
 # the demo's settings over the cpu preset: small batches, many steps, a time budget
-DEMO_OVERRIDES = dict(model_size="tiny", batch_size=8, seq_len=128, eval_every=40, eval_batches=8,
-                      checkpoint_every=100, warmup_steps=30, lr=3e-3, min_lr=3e-4)
+DEMO_OVERRIDES = dict(model_size="tiny", batch_size=16, seq_len=256, eval_every=100, eval_batches=8,
+                      checkpoint_every=200, warmup_steps=50, lr=3e-3, min_lr=3e-4)
 
 
 def cmd_bench(args) -> int:
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The main job: trains the tiny Mamba-2 on the bundled corpus (a few minutes on a "
                                    "laptop CPU), prints the validation loss and a sample.")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
-    p.add_argument("--max-steps", type=int, default=320, help="optimizer steps (default 320)")
+    p.add_argument("--max-steps", type=int, default=600, help="optimizer steps (default 600)")
     p.add_argument("--max-minutes", type=float, default=6.5, help="time budget for training (default 6.5)")
     p.add_argument("--device", default="cpu", help="cpu (default) or auto/cuda/mps")
     p.add_argument("--prompt", default=DEMO_PROMPT, help="the story to continue")

@@ -168,6 +168,22 @@ def ssd_quadratic(x, dt, A, B, C, D=None, initial_state=None):
     return y.to(x.dtype), final.to(x.dtype)
 
 # %% ../notebooks/03_ssd.ipynb #f72dde5e
+def _decay_matrix(a: torch.Tensor) -> torch.Tensor:
+    """exp(segsum(a)): a (..., Q) -> (..., Q, Q), the within-chunk decay, in fewer passes than `segsum`.
+
+    On the CPU the segment sums are differences of a *float64* running sum: cancellation then costs
+    ~1e-16 * |running sum|, far below the rounding of the float32 result, so this is as accurate as summing each
+    segment and about 3x cheaper there. On GPUs the segment-by-segment `segsum` is the faster of the two (measured on
+    an H100: float64 makes the backward pass slower), and Apple's MPS has no float64 at all."""
+    if a.device.type != "cpu":
+        return torch.exp(segsum(a))
+    Q = a.shape[-1]
+    running = torch.cumsum(a.double(), dim=-1)
+    sums = (running[..., :, None] - running[..., None, :]).to(a.dtype)    # [i, j] = a_{j+1} + ... + a_i
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril()
+    return torch.exp(sums.masked_fill(~causal, float("-inf")))
+
+
 def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None):
     """The SSD chunked dual form: O(seqlen * chunk_size) time, memory linear in seqlen.
 
@@ -197,7 +213,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None
 
     # 1. diagonal blocks: the quadratic form inside each chunk
     CB = Cc @ Bc.transpose(-1, -2)                                    # (b, g, c, Q, Q), once per group
-    y = (torch.exp(segsum(a)) * CB[:, :, :, None]) @ xdt              # (b, g, c, r, Q, p)
+    y = (_decay_matrix(a) * CB[:, :, :, None]) @ xdt                  # (b, g, c, r, Q, p)
 
     # 2. chunk states: what each chunk leaves behind, starting from zero
     xdt_decayed = xdt * torch.exp(_sum_after(a))[..., None]          # decayed to the end of the chunk
