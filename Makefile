@@ -47,10 +47,14 @@ check-export: export
 ## Re-execute every notebook in place (stored outputs are what learners see on the web).
 notebooks: $(STAMP)
 	for nb in notebooks/[0-9]*.ipynb; do $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; done
+	$(PY) tools/tidy_notebooks.py notebooks/*.ipynb
 	$(VENV)/bin/nbdev-export
 
+## CPU benchmarks (each prints a table and writes benchmarks/results/*.json); add --device cuda on a GPU.
 bench: $(STAMP)
 	$(PY) benchmarks/ssd.py
+	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/report.py
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks

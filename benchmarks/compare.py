@@ -34,20 +34,9 @@ import torch  # noqa: E402
 
 from snakes_lib import compare as C  # noqa: E402
 from snakes_lib.model import Mamba2Config  # noqa: E402
+from _common import device_name  # noqa: E402  (benchmarks/ is on sys.path)
 
 EXPERIMENTS = ("lm", "train", "decode", "story", "mqar")
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def settings(device_type: str, quick: bool) -> dict:

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -38,23 +36,12 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import torch  # noqa: E402
 
 from snakes_lib.model import Mamba2Config, Mamba2LM  # noqa: E402
+from _common import device_name  # noqa: E402  (benchmarks/ is on sys.path)
 
 try:
     from snakes_lib.ssd import PeakTensorMemory  # noqa: E402
 except ImportError:  # older chapter 03: no CPU memory counter
     PeakTensorMemory = None
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def sync(device):

@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")   # as `snakes train` does
 import torch  # noqa: E402
 
-from snakes_lib.presets import MODEL_SIZES, VRAM_PRESETS, resolve_precision, resolve_preset
+from snakes_lib.presets import VRAM_PRESETS, resolve_precision, resolve_preset
 from snakes_lib.train import build_model, lm_loss, make_optimizer, model_config_for
 
 GiB = 2**30
@@ -79,7 +79,7 @@ def measure(name: str, size: str, vocab: int, batch: int, seq_len: int, ckpt: bo
         if budget_gb is not None and "peak_reserved_gb" in row:
             row["fraction_of_budget"] = round(row["peak_reserved_gb"] / budget_gb, 3)
             row["ok"] = row["peak_reserved_gb"] <= 0.9 * budget_gb
-    except torch.cuda.OutOfMemoryError as e:
+    except torch.cuda.OutOfMemoryError:
         row["error"] = "OOM"
         row["ok"] = False
     finally:

@@ -31,20 +31,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import torch  # noqa: E402
 
 from snakes_lib.ssd import measure_ssd, ssd_cost  # noqa: E402
+from _common import device_name  # noqa: E402  (benchmarks/ is on sys.path)
 
 FORMS = ("recurrent", "quadratic", "chunked")
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def skip_reason(form, seqlen, backward, args, cfg) -> str | None:

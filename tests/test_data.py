@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from snakes_lib.data import (MAX_DOCUMENT_BYTES, Document, EmptyDataError, TokenData, _token_dtype, bundled_corpus_dir,
-                             corpus_fingerprint, decode_text, generate_corpus, iter_documents, load_documents,
+from snakes_lib.data import (MAX_DOCUMENT_BYTES, EmptyDataError, TokenData, _token_dtype, bundled_corpus_dir,
+                             corpus_fingerprint, decode_text, generate_corpus, load_documents,
                              prepare_data, random_batch, sequential_batches, train_tokenizer_for)
 from snakes_lib.tokenizer import SnakesTokenizer, TokenizerMismatchError
 

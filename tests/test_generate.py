@@ -1,5 +1,4 @@
 """Tests for snakes_lib.generate: sampling rules, streaming text, stop strings, batching, the cache contract, the CLI."""
-import math
 import os
 import subprocess
 import sys
@@ -9,9 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from snakes_lib.generate import (CacheInterfaceError, GenerationStream, RunDirError, StopFilter, StreamDecoder,
-                                 apply_repetition_penalty, check_run_dir, generate, generate_stream,
-                                 next_token_probs, process_logits, sample_next_token, top_k_filter, top_p_filter)
+from snakes_lib.generate import (CacheInterfaceError, RunDirError, StopFilter, StreamDecoder,
+                                 apply_repetition_penalty, check_run_dir, generate, next_token_probs, process_logits, sample_next_token, top_k_filter, top_p_filter)
 
 REPO = Path(__file__).resolve().parents[1]
 

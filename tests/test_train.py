@@ -3,10 +3,8 @@ NaN handling, tokenizer checks, clear errors. Every run here is a ~30k-parameter
 import json
 import math
 import random
-import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
