@@ -540,8 +540,9 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, self.device)
 
         # data and tokenizer: the tokenizer is trained once, on this data, and lives in the run folder
-        paths = [Path(p) for p in (cfg.data or [bundled_corpus_dir()])]
-        missing = [str(p) for p in paths if not p.exists()]
+        # `hf:NAME[:SPLIT]` names a Hugging Face dataset (snakes_lib.data reads it); everything else is a path
+        paths = [p if str(p).startswith("hf:") else Path(p) for p in (cfg.data or [bundled_corpus_dir()])]
+        missing = [str(p) for p in paths if isinstance(p, Path) and not p.exists()]
         if missing:
             raise EmptyDataError(f"data path(s) not found: {', '.join(missing)}; pass --data with files or folders "
                                  "of text")

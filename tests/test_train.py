@@ -240,6 +240,15 @@ def test_empty_data_folder_is_a_clear_error(tmp_path):
         train(tiny_cfg(tmp_path, "run2", data=[str(tmp_path / "missing")]))
 
 
+def test_trains_from_a_hugging_face_dataset_spec(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    make_corpus(tmp_path / "corpus")
+    texts = [p.read_text() for p in sorted((tmp_path / "corpus").glob("*.txt"))]
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "hfds"))
+    res = train(tiny_cfg(tmp_path, "run", data=[f"hf:{tmp_path / 'hfds'}"], max_steps=2, eval_every=0))
+    assert res.step == 2 and math.isfinite(res.train_loss)
+
+
 def test_resume_without_checkpoint_is_a_clear_error(corpus, tmp_path):
     with pytest.raises(RunDirError, match="no finished checkpoint"):
         train(tiny_cfg(tmp_path, "run", resume=True))
