@@ -19,3 +19,14 @@ def device_name(device: str) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def setup_device(parser, args) -> bool:
+    """Apply the --device and --threads flags every benchmark has; returns True for CUDA.
+    Stops with a parser error when CUDA is asked for but not available."""
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch.cuda.is_available() is False (a CPU-only PyTorch build, or no GPU visible)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return cuda

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from snakes_lib import compare as C  # noqa: E402
 from snakes_lib.model import Mamba2Config  # noqa: E402
-from _common import device_name  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import device_name, setup_device  # noqa: E402  (benchmarks/ is on sys.path)
 
 EXPERIMENTS = ("lm", "train", "decode", "story", "mqar")
 
@@ -89,11 +89,7 @@ def main(argv=None):
                    help="JSON path (default benchmarks/results/compare_<cpu|cuda>[_quick].json)")
     args = p.parse_args(argv)
 
-    cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        p.error("--device cuda, but torch.cuda.is_available() is False (a CPU-only PyTorch build, or no GPU visible)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cuda = setup_device(p, args)
     S = settings("cuda" if cuda else "cpu", args.quick)
     todo = args.only or EXPERIMENTS
     out = args.out or ROOT / "benchmarks" / "results" / f"compare_{'cuda' if cuda else 'cpu'}{'_quick' if args.quick else ''}.json"

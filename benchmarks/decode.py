@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import torch  # noqa: E402
 
 from snakes_lib.model import Mamba2Config, Mamba2LM  # noqa: E402
-from _common import device_name  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import device_name, setup_device  # noqa: E402  (benchmarks/ is on sys.path)
 
 try:
     from snakes_lib.ssd import PeakTensorMemory  # noqa: E402
@@ -94,11 +94,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
+    setup_device(p, args)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but torch.cuda.is_available() is False")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     contexts = args.contexts or ([128, 1024, 4096] if args.quick else [128, 512, 2048, 8192])
     n_decode = args.decode_tokens or (16 if args.quick else 64)
     dtype = getattr(torch, args.dtype)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import torch  # noqa: E402
 
 from snakes_lib.ssd import measure_ssd, ssd_cost  # noqa: E402
-from _common import device_name  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import device_name, setup_device  # noqa: E402  (benchmarks/ is on sys.path)
 
 FORMS = ("recurrent", "quadratic", "chunked")
 
@@ -70,11 +70,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/ssd_<device>[_quick].json)")
     args = p.parse_args(argv)
 
-    cuda = args.device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        p.error("--device cuda, but torch.cuda.is_available() is False (a CPU-only PyTorch build, or no GPU visible)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cuda = setup_device(p, args)
     seqlens = args.seqlens or ([256, 1024, 4096] if args.quick else [256, 512, 1024, 2048, 4096, 8192, 16384])
     repeats = args.repeats or (1 if args.quick else 3)
     args.max_recurrent = args.max_recurrent or (16384 if cuda else 4096)

@@ -322,3 +322,18 @@ def test_cost_explorer_callback():
     res = ssd_cost_explorer(chunk_size=16, dstate=16, seqlen=128, nheads=2, headdim=8, measure=False)
     assert res["time_ms"] is None and res["peak_mib"] is None
     plt.close(res["figure"])
+
+
+def test_check_values_false_skips_only_the_value_check():
+    # the model passes check_values=False (its dt is clamped positive) to avoid a device sync per layer;
+    # shape errors must still be raised, and valid inputs give the same result
+    kw = good()
+    y1, s1 = ssd_chunked(**kw, chunk_size=2)
+    y2, s2 = ssd_chunked(**kw, chunk_size=2, check_values=False)
+    assert torch.equal(y1, y2) and torch.equal(s1, s2)
+    bad_dt = dict(kw, dt=-torch.ones(2, 5, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="dt must be positive"):
+        ssd_chunked(**bad_dt)
+    ssd_chunked(**bad_dt, check_values=False)                 # no value check, no error
+    with pytest.raises(ValueError, match=r"dt must be \(batch, seqlen, nheads\)"):
+        ssd_chunked(**dict(kw, dt=torch.rand(2, 5, 3, dtype=torch.float64)), check_values=False)
