@@ -1,0 +1,148 @@
+"""Chapter 09's Triton SSD kernels against the recurrence. Without a GPU they run in Triton's interpreter (conftest
+sets TRITON_INTERPRET=1), in float32 at small sizes; on a GPU the same tests run the compiled kernels, plus bf16."""
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="the Triton kernels need the triton package (pip install triton)")
+
+from snakes_lib import ssd_triton as T  # noqa: E402
+from snakes_lib.ssd import ssd_chunked, ssd_recurrent  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("x", "dt", "A", "B", "C", "D", "initial_state")
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+
+def make(b, L, h, P, g, N, with_d=True, with_h=True, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)
+    ins = [r(b, L, h, P), torch.rand(b, L, h, generator=gen) * 0.5 + 0.05, -(torch.rand(h, generator=gen) * 2 + 0.1),
+           r(b, L, g, N), r(b, L, g, N), r(h) if with_d else None, r(b, h, P, N) if with_h else None]
+    return [None if t is None else t.to(DEVICE, dtype if i in (0, 3, 4, 6) else torch.float32) for i, t in enumerate(ins)]
+
+
+def reference(ins, dy, dfinal):
+    "float64 autograd through the plain loop: outputs and every gradient."
+    ref = [None if t is None else t.detach().double().requires_grad_() for t in ins]
+    y, final = ssd_recurrent(*ref[:5], ref[5], ref[6])
+    torch.autograd.backward([y, final], [dy.double(), dfinal.double()])
+    return y, final, [None if r is None else r.grad for r in ref]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+# (b, L, h, P, g, N, chunk, D, initial_state): seqlen 1, a prime, shorter than a chunk, not a multiple, an exact
+# multiple; 1, 2 and 4 groups; headdim and dstate that are not powers of two (masked tiles)
+SHAPES = [
+    (1, 1, 2, 16, 1, 16, 16, True, False),
+    (2, 13, 4, 8, 2, 12, 16, False, True),
+    (1, 7, 2, 16, 1, 16, 32, True, True),
+    (2, 37, 4, 16, 2, 16, 16, True, True),
+    (1, 32, 4, 16, 4, 16, 16, False, False),
+    (1, 50, 6, 20, 3, 20, 32, True, False),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}_L{}_h{}_P{}_g{}_N{}_Q{}_D{}_h0{}".format(*s))
+def test_forward_and_every_gradient_match_the_recurrence(shape):
+    b, L, h, P, g, N, Q, with_d, with_h = shape
+    ins = make(b, L, h, P, g, N, with_d, with_h, seed=L)
+    leaves = [None if t is None else t.clone().requires_grad_() for t in ins]
+    y, final = T.ssd_chunked_triton(*leaves[:5], Q, leaves[5], leaves[6])
+    dy, dfinal = torch.randn_like(y), torch.randn_like(final)
+    torch.autograd.backward([y, final], [dy, dfinal])
+    y_ref, final_ref, grads_ref = reference(ins, dy, dfinal)
+    assert y.dtype == ins[0].dtype and final.shape == (b, h, P, N)
+    assert rel(y, y_ref) < 1e-5 and rel(final, final_ref) < 1e-5
+    for name, leaf, want in zip(NAMES, leaves, grads_ref):
+        if leaf is None:
+            continue
+        assert leaf.grad is not None and torch.isfinite(leaf.grad).all(), name
+        tol = 1e-4 if name != "A" else 1e-3     # dA sums every position: more float32 rounding
+        assert (leaf.grad.double() - want).abs().max() <= tol * max(want.abs().max().item(), 1.0), name
+
+
+def test_fused_and_unfused_state_kernels_agree(monkeypatch):
+    ins = make(2, 37, 4, 16, 2, 16)
+    dy = torch.randn(2, 37, 4, 16, device=DEVICE)
+    dfinal = torch.randn(2, 4, 16, 16, device=DEVICE)
+    out = {}
+    for fuse in (True, False):
+        monkeypatch.setitem(T.KERNEL_CONFIG, "fuse_states", fuse)
+        y, final, _, _ = T.ssd_forward(*ins[:5], 16, ins[5], ins[6])
+        out[fuse] = (y, final, T.ssd_backward(dy, dfinal, *ins, 16))
+    assert torch.allclose(out[True][0], out[False][0], atol=1e-6)
+    assert torch.allclose(out[True][1], out[False][1], atol=1e-6)
+    for name, a, b in zip(NAMES, out[True][2], out[False][2]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), name
+
+
+def test_heads_split_across_programs_sum_the_group_gradients(monkeypatch):
+    """With few chunks the backward spreads a group's heads over several programs and adds dB, dC atomically."""
+    ins = make(1, 20, 8, 16, 1, 16, with_h=False)
+    dy, dfinal = torch.randn(1, 20, 8, 16, device=DEVICE), torch.zeros(1, 8, 16, 16, device=DEVICE)
+    whole = T.ssd_backward(dy, dfinal, *ins, 16)
+    monkeypatch.setitem(T.KERNEL_CONFIG, "min_programs", 10**9)      # forces one head per program
+    assert T._heads_per_program(8, 1, 2) == 1
+    split = T.ssd_backward(dy, dfinal, *ins, 16)
+    for name, a, b in zip(NAMES, whole, split):
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), name
+
+
+def test_registered_op_passes_opcheck_and_compiles_without_graph_break():
+    x, dt, A, B, C, D, h0 = make(1, 19, 2, 16, 1, 16)
+    torch.library.opcheck(torch.ops.snakes.ssd_chunked_triton_fwd.default, (x, dt, A, B, C, D, h0, 16))
+
+    def layer(x, dt, A, B, C):
+        return T.ssd_chunked_triton(x, dt, A, B, C, 16, check_values=False)[0].sum()
+
+    explained = torch._dynamo.explain(layer)(x, dt, A, B, C)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_only_y_used_still_differentiates():
+    ins = [t.clone().requires_grad_() for t in make(1, 21, 2, 16, 1, 16, with_d=False, with_h=False)[:5]]
+    y, _ = T.ssd_chunked_triton(*ins, 16)
+    y.sum().backward()
+    ref = [t.detach().double().requires_grad_() for t in ins]
+    ssd_recurrent(*ref)[0].sum().backward()
+    for a, r in zip(ins, ref):
+        assert rel(a.grad, r.grad) < 1e-4
+
+
+def test_unsupported_inputs_are_refused_clearly(monkeypatch):
+    x, dt, A, B, C, _, _ = make(1, 8, 2, 16, 1, 16)
+    with pytest.raises(ValueError, match="chunk_size 24 is not one of"):
+        T.ssd_chunked_triton(x, dt, A, B, C, chunk_size=24)
+    with pytest.raises(ValueError, match="dt must be positive"):
+        T.ssd_chunked_triton(x, -dt, A, B, C, chunk_size=16)
+    assert "float64" in T.triton_unsupported_reason(x.double(), B.double(), 16)
+    assert "headdim 256" in T.triton_unsupported_reason(torch.zeros(1, 8, 2, 256, device=DEVICE), B, 16)
+    if DEVICE == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert "CUDA" in T.triton_unsupported_reason(x, B, 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels need a GPU (the interpreter has no bf16)")
+@pytest.mark.parametrize("shape", [(2, 1000, 8, 64, 1, 128, 256), (2, 777, 8, 64, 2, 64, 128)])
+def test_bf16_on_gpu_matches_the_pytorch_path(shape):
+    b, L, h, P, g, N, Q = shape
+    ins = make(b, L, h, P, g, N, with_h=False, dtype=torch.bfloat16)
+    leaves = [None if t is None else t.clone().requires_grad_() for t in ins]
+    y, _ = T.ssd_chunked_triton(*leaves[:5], Q, leaves[5])
+    ref = [None if t is None else t.detach().double().requires_grad_() for t in ins]
+    y_ref, _ = ssd_chunked(*ref[:5], Q, ref[5])
+    dy = torch.randn_like(y_ref)
+    y.backward(dy.to(y.dtype))
+    y_ref.backward(dy)
+    norm_rel = lambda a, r: ((a.double() - r).norm() / r.norm()).item()
+    assert norm_rel(y, y_ref) < 1e-2
+    for name, leaf, r in zip(NAMES, leaves, ref):
+        if leaf is not None:
+            assert norm_rel(leaf.grad, r.grad) < (5e-2 if name == "A" else 1e-2), name
