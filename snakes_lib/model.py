@@ -410,9 +410,14 @@ class Mamba2LM(nn.Module):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must be an int64 tensor (batch, seqlen), got {type(input_ids).__name__} "
                             f"{getattr(input_ids, 'dtype', '')}")
-        if input_ids.numel() and (int(input_ids.max()) >= self.config.padded_vocab_size or int(input_ids.min()) < 0):
+        # the range check reads the ids back: a device sync, and under torch.compile a graph break, so a compiled
+        # forward skips it (out-of-range ids then fail inside the embedding; call the model eagerly to get this message)
+        if torch.compiler.is_compiling() or not input_ids.numel():
+            return
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()           # one read-back for both
+        if hi >= self.config.padded_vocab_size or lo < 0:
             raise ValueError(f"token ids must lie in [0, {self.config.padded_vocab_size}); got min "
-                             f"{int(input_ids.min())}, max {int(input_ids.max())} — wrong tokenizer for this model?")
+                             f"{lo}, max {hi} — wrong tokenizer for this model?")
 
     def hidden_states(self, input_ids, cache: Mamba2Cache | None = None):
         "input_ids (batch, seqlen) -> hidden states after norm_f (batch, seqlen, d_model)."

@@ -78,10 +78,10 @@ def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunked: bool = 
 
     chunked=True uses model.hidden_states(x) and model.lm_head (see chunked_cross_entropy)."""
     if chunked:
-        h = (forward or model.hidden_states)(x)
+        h = (model.hidden_states if forward is None else forward)(x)
         head = model.lm_head
         return chunked_cross_entropy(h, head.weight, y, bias=head.bias, chunk_rows=chunk_rows)
-    logits = (forward or model)(x)
+    logits = (model if forward is None else forward)(x)   # not `forward or model`: a compiled module has no bool()
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))

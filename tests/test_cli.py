@@ -59,3 +59,19 @@ def test_python_dash_m_entry_point():
     assert r.returncode == 0
     for cmd in ("train", "generate", "data", "bench", "demo"):
         assert cmd in r.stdout
+
+
+@pytest.mark.slow
+def test_train_compile_gives_the_eager_losses(tmp_path, capsys):
+    from snakes_lib.train import read_metrics
+    corpus = make_corpus(tmp_path / "corpus")
+    argv = ["train", "--preset", "cpu", "--data", str(corpus), "--max-steps", "3", "--batch-size", "2",
+            "--seq-len", "16", "--vocab-size", "300", "--device", "cpu", "--eval-every", "2", "--eval-batches", "1",
+            "--cache-dir", str(tmp_path / "tok"), "--model-config", json.dumps(MICRO)]
+    assert main(argv + ["--out", str(tmp_path / "eager")]) == 0
+    assert main(argv + ["--out", str(tmp_path / "compiled"), "--compile"]) == 0
+    assert "stopped at step 3" in capsys.readouterr().out
+    eager, compiled = read_metrics(tmp_path / "eager"), read_metrics(tmp_path / "compiled")
+    for key in ("train_loss", "val_loss"):                 # training steps and the (eval mode) validation
+        a, b = [r[key] for r in eager if key in r], [r[key] for r in compiled if key in r]
+        assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=1e-4), key

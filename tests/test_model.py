@@ -353,3 +353,31 @@ def test_load_model_dispatches_to_transformer(tmp_path):
     ids = torch.randint(0, 50, (1, 7))
     with torch.no_grad():
         assert torch.allclose(loaded(ids), tf(ids))
+
+
+# -- torch.compile --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_compiled_model_has_no_graph_break_and_matches_eager():
+    torch.manual_seed(0)
+    m = Mamba2LM(tiny(ngroups=2))
+    ids = torch.randint(0, 50, (2, 21))                    # 21 tokens: a padded tail chunk
+    for training in (True, False):
+        m.train(training)
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(m)(ids)
+        assert (ex.graph_count, ex.graph_break_count) == (1, 0), (training, ex.break_reasons)
+    m.train()
+    torch._dynamo.reset()
+    compiled = torch.compile(m)
+
+    def run(f):
+        m.zero_grad(set_to_none=True)
+        logits = f(ids)
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.roll(-1, 1).reshape(-1)).backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    (l_e, g_e), (l_c, g_c) = run(m), run(compiled)
+    assert rel(l_c, l_e) <= 1e-5
+    assert g_e.keys() == g_c.keys() and max(rel(g_c[n], g_e[n]) for n in g_e) <= 1e-4
+    with pytest.raises(ValueError, match="wrong tokenizer"):              # eager keeps the clear error
+        m(torch.tensor([[1, 2, 999]]))

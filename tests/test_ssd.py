@@ -337,3 +337,46 @@ def test_check_values_false_skips_only_the_value_check():
     ssd_chunked(**bad_dt, check_values=False)                 # no value check, no error
     with pytest.raises(ValueError, match=r"dt must be \(batch, seqlen, nheads\)"):
         ssd_chunked(**dict(kw, dt=torch.rand(2, 5, 3, dtype=torch.float64)), check_values=False)
+
+
+# ----------------------------------------------------------------------------------------------- torch.compile
+def _chunked_fwd_bwd(fn, inputs, chunk_size):
+    "Outputs and the gradients of every input under a loss that weighs each output differently."
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    y, s = fn(*leaves[:5], chunk_size=chunk_size, D=leaves[5], initial_state=leaves[6])
+    g = torch.Generator().manual_seed(3)
+    ((y * torch.randn(y.shape, generator=g)).sum() + (s * torch.randn(s.shape, generator=g)).sum()).backward()
+    return [y, s] + [t.grad for t in leaves]
+
+
+@pytest.mark.slow
+def test_compiled_chunked_matches_eager_forward_and_backward():
+    # CPU Inductor; odd seqlen (a padded tail chunk), two groups, D and an initial state, float32
+    inputs = make_inputs(batch=2, seqlen=45, nheads=4, headdim=8, ngroups=2, dstate=8, dtype=torch.float32)
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(ssd_chunked)(*inputs[:5], chunk_size=16, D=inputs[5], initial_state=inputs[6])
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), ex.break_reasons      # the dt check is skipped while tracing
+    want = _chunked_fwd_bwd(ssd_chunked, inputs, 16)
+    got = _chunked_fwd_bwd(torch.compile(ssd_chunked), inputs, 16)
+    for name, a, b in zip(("y", "state", "dx", "ddt", "dA", "dB", "dC", "dD", "dh0"), got, want):
+        assert rel(a, b) <= 1e-5, (name, rel(a, b))
+
+
+def test_chunked_scans_only_inside_segsum_on_gpu_devices():
+    # Inductor makes a cumsum with few rows (batch * heads * chunks) a split scan, whose CUDA code generation failed
+    # (torch 2.11) when dt * A was fused into it. Off the CPU the chunked form's only cumsums, forward and backward,
+    # are segsum's over (..., Q, Q), which has Q times more rows. Traced on the meta device: no GPU needed.
+    from torch.fx.experimental.proxy_tensor import make_fx
+    inputs = [t.to("meta") for t in make_inputs(batch=1, seqlen=45, nheads=4, headdim=8, ngroups=2, dstate=8,
+                                                dtype=torch.float32)]
+
+    def fwd_bwd(*ins):
+        y, s = ssd_chunked(*ins[:5], chunk_size=16, D=ins[5], initial_state=ins[6], check_values=False)
+        return torch.autograd.grad(y.sum() + s.sum(), ins)
+
+    gm = make_fx(fwd_bwd)(*[t.requires_grad_() for t in inputs])
+    scans = [n for n in gm.graph.nodes if n.target == torch.ops.aten.cumsum.default]
+    assert len(scans) == 2                                    # segsum forward, and its backward
+    for n in scans:
+        shape = n.args[0].meta["val"].shape
+        assert len(shape) == 6 and shape[-1] == shape[-2] == 16, shape
