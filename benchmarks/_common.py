@@ -30,3 +30,31 @@ def setup_device(parser, args) -> bool:
     if args.threads:
         torch.set_num_threads(args.threads)
     return cuda
+
+
+def write_json_atomic(path, doc: dict) -> None:
+    "Write `doc` as JSON to `path` through a temporary file in the same folder and os.replace (no half-written file)."
+    import json
+    import tempfile
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(doc, indent=1, default=str) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path) -> dict | None:
+    "The JSON object stored at `path`, or None when there is none (or it does not parse)."
+    import json
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None

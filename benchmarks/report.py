@@ -126,6 +126,186 @@ def compare_table(d: dict) -> str:
     return "\n".join(out)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# the "kernels" section of ssd_cuda.json (benchmarks/ssd.py --device cuda): the Triton SSD kernels against the PyTorch
+# path, the official mamba_ssm kernels and causal FlashAttention. Pure Python: benchmarks/ssd.py imports these too.
+KERNEL_IMPLS = ("snakes_torch", "snakes_triton", "snakes_triton_unfused", "official_triton", "sdpa_flash", "io_floor")
+GRAD_NAMES = ("dx", "ddt", "dA", "dB", "dC", "dD")
+
+
+def kernel_row(k: dict, impl: str, batch: int, seqlen: int, key: str | None = None):
+    "The row of `impl` at (batch, seqlen), or its field `key` (None when missing, skipped or failed)."
+    r = next((r for r in k["rows"] if r["impl"] == impl and r["batch"] == batch and r["seqlen"] == seqlen), None)
+    if key is None:
+        return r
+    return None if r is None else r.get(key)
+
+
+def _ratio(num, den):
+    return round(num / den, 2) if num is not None and den else None
+
+
+def kernel_shapes(k: dict) -> list[tuple[int, int]]:
+    "The measured (batch, seqlen) pairs in the order they were measured."
+    seen = []
+    for r in k["rows"]:
+        if (r["batch"], r["seqlen"]) not in seen:
+            seen.append((r["batch"], r["seqlen"]))
+    return seen
+
+
+def kernels_summary(k: dict) -> dict:
+    """Ratios and goal checks from the rows of a "kernels" section. Speedups are other time / snakes_triton time
+    (> 1: snakes_triton is faster). crossover_seqlen: the shortest seqlen of the fixed-token sweep from which on
+    snakes_triton's forward+backward is faster than sdpa_flash's at every longer measured seqlen (None: never)."""
+    goals = k["config"]["goals"]
+    gb, gL = goals["shape"]
+    t = lambda impl, b, L, key: kernel_row(k, impl, b, L, key)
+    per_shape = []
+    for b, L in kernel_shapes(k):
+        per_shape.append(dict(
+            batch=b, seqlen=L,
+            vs_torch_fwd=_ratio(t("snakes_torch", b, L, "fwd_ms"), t("snakes_triton", b, L, "fwd_ms")),
+            vs_torch_fb=_ratio(t("snakes_torch", b, L, "fb_ms"), t("snakes_triton", b, L, "fb_ms")),
+            vs_official_fwd=_ratio(t("official_triton", b, L, "fwd_ms"), t("snakes_triton", b, L, "fwd_ms")),
+            vs_official_fb=_ratio(t("official_triton", b, L, "fb_ms"), t("snakes_triton", b, L, "fb_ms")),
+            vs_sdpa_fb=_ratio(t("sdpa_flash", b, L, "fb_ms"), t("snakes_triton", b, L, "fb_ms")),
+            unfused_vs_fused_fb=_ratio(t("snakes_triton_unfused", b, L, "fb_ms"), t("snakes_triton", b, L, "fb_ms"))))
+    sweep = sorted({(r["seqlen"], r["batch"]) for r in k["rows"] if r.get("sweep")})
+    both = [(L, b) for L, b in sweep
+            if t("snakes_triton", b, L, "fb_ms") is not None and t("sdpa_flash", b, L, "fb_ms") is not None]
+    faster = [L for L, b in both if t("snakes_triton", b, L, "fb_ms") < t("sdpa_flash", b, L, "fb_ms")]
+    crossover = None
+    for i, (L, b) in enumerate(both):
+        if all(L2 in faster for L2, _ in both[i:]):
+            crossover = L
+            break
+    g = lambda key: t("snakes_triton", gb, gL, key)
+    speedup = _ratio(t("snakes_torch", gb, gL, "fb_ms"), g("fb_ms"))
+    earlier = k.get("torch_side_by_side_earlier")
+    if speedup is None and earlier:                    # the PyTorch path measured side by side in an earlier run
+        e = lambda impl: next((r["fb_ms"] for r in earlier["rows"]
+                               if r["impl"] == impl and (r["batch"], r["seqlen"]) == (gb, gL)), None)
+        speedup = _ratio(e("snakes_torch"), e("snakes_triton"))
+    checks = {}
+    for name, value, target, ok in (
+            ("fwd_ms", g("fwd_ms"), f"<= {goals['fwd_ms']}", lambda v: v <= goals["fwd_ms"]),
+            ("fb_ms", g("fb_ms"), f"<= {goals['fb_ms']}", lambda v: v <= goals["fb_ms"]),
+            ("peak_gib", g("peak_gib"), f"<= {goals['peak_gib']}", lambda v: v <= goals["peak_gib"]),
+            ("speedup_vs_torch_fb", speedup, f">= {goals['speedup_vs_torch']}", lambda v: v >= goals["speedup_vs_torch"])):
+        checks[name] = dict(value=value, target=target, ok=None if value is None else bool(ok(value)))
+    return dict(goal_shape=[gb, gL], checks=checks, per_shape=per_shape, sweep_faster_than_sdpa=faster,
+                crossover_seqlen=crossover, sweep_measured=[L for L, _ in both])
+
+
+def _ms(v, digits=3):
+    return "-" if v is None else f"{v:,.{digits}f} ms"
+
+
+def _x(v):
+    return "-" if v is None else f"{v:,.2f}x"
+
+
+def _cell(text: str) -> str:
+    "Text safe inside a markdown table cell."
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def kernels_table(k: dict) -> str:
+    "The kernels section as README markdown: goals, the goal shapes, the sweep against attention, correctness."
+    c, s = k["config"], k.get("summary") or kernels_summary(k)
+    gb, gL = c["goals"]["shape"]
+    mark = lambda ok: "" if ok is None else (" ✓" if ok else " ✗")
+    ch = s["checks"]
+    out = [f"**SSD Triton kernels on {k['device']}** (torch {k['torch']}, triton {k['triton']}; {c['dtype']} x/B/C, "
+           f"float32 dt/A/D, {c['nheads']} heads x headdim {c['headdim']}, dstate {c['dstate']}, ngroups {c['ngroups']}, "
+           f"chunk {c['chunk_size']}, D on; median of triton.testing.do_bench; peak: max_memory_allocated above what "
+           f"was allocated before one forward+backward)", "",
+           f"Goals at batch {gb} x seqlen {gL:,}: forward <= {c['goals']['fwd_ms']} ms "
+           f"(measured {_ms(ch['fwd_ms']['value'])}{mark(ch['fwd_ms']['ok'])}), forward+backward <= {c['goals']['fb_ms']} ms "
+           f"(measured {_ms(ch['fb_ms']['value'])}{mark(ch['fb_ms']['ok'])}), peak <= {c['goals']['peak_gib']} GiB "
+           f"(measured {'-' if ch['peak_gib']['value'] is None else format(ch['peak_gib']['value'], '.3f') + ' GiB'}"
+           f"{mark(ch['peak_gib']['ok'])}), >= {c['goals']['speedup_vs_torch']:g}x faster than the PyTorch path "
+           f"(snakes_torch, forward+backward: {_x(ch['speedup_vs_torch_fb']['value'])}{mark(ch['speedup_vs_torch_fb']['ok'])}).",
+           "", "| batch x seqlen | implementation | forward | forward, CUDA graph | forward+backward | peak (f+b) | "
+           "snakes_torch / this (f+b) | official / this (fwd, f+b) |", "|---|---|---|---|---|---|---|---|"]
+    goal_shapes = [tuple(x) for x in c["goal_shapes"]]
+    for b, L in goal_shapes:
+        shape = f"{b} x {L:,}"
+        if (b, L) == (gb, gL):
+            shape = f"**{shape}**"
+        for impl in KERNEL_IMPLS:
+            r = kernel_row(k, impl, b, L)
+            if r is None:
+                continue
+            if impl == "io_floor":
+                out.append(f"| {shape} | floor: I/O at {r['copy_bw'] / 1e12:.1f} TB/s (FLOPs at {r['peak_flops'] / 1e12:.0f} "
+                           f"TFLOP/s) | {_ms(r['fwd_ms'])} ({_ms(r.get('flop_fwd_ms'))}) | - | {_ms(r['fb_ms'])} "
+                           f"({_ms(r.get('flop_fb_ms'))}) | - | - | - |")
+                continue
+            if r.get("fwd_ms") is None:
+                out.append(f"| {shape} | {impl} | {_cell(r.get('skipped') or 'error: ' + str(r.get('error', ''))[:80])} "
+                           "| | | | | |")
+                continue
+            ref = lambda other, key: _ratio(kernel_row(k, other, b, L, key), r.get(key))
+            peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.3f} GiB"
+            out.append(f"| {shape} | {impl} | {_ms(r['fwd_ms'])} | {_ms(r.get('fwd_graph_ms'))} | {_ms(r.get('fb_ms'))} | "
+                       f"{peak} | {_x(ref('snakes_torch', 'fb_ms'))} | {_x(ref('official_triton', 'fwd_ms'))}, "
+                       f"{_x(ref('official_triton', 'fb_ms'))} |")
+    sweep = sorted({(r["seqlen"], r["batch"]) for r in k["rows"] if r.get("sweep")})
+    if sweep:
+        out += ["", f"Against causal attention at {c['sweep_tokens']:,} tokens per call (forward+backward; attention: "
+                f"F.scaled_dot_product_attention, flash backend, {c['nheads']} heads x headdim {c['headdim']}):", "",
+                "| seqlen | batch | snakes_triton | official_triton | sdpa_flash | snakes_torch | sdpa_flash / snakes_triton |",
+                "|---|---|---|---|---|---|---|"]
+        for L, b in sweep:
+            f = lambda impl: kernel_row(k, impl, b, L, "fb_ms")
+            out.append(f"| {L:,} | {b} | {_ms(f('snakes_triton'))} | {_ms(f('official_triton'))} | {_ms(f('sdpa_flash'))} | "
+                       f"{_ms(f('snakes_torch'))} | {_x(_ratio(f('sdpa_flash'), f('snakes_triton')))} |")
+        cx = s["crossover_seqlen"]
+        out.append("\n" + (f"snakes_triton's forward+backward is faster than FlashAttention's from seqlen **{cx:,}** on."
+                           if cx is not None else "snakes_triton's forward+backward is not faster than FlashAttention's "
+                           "at the longest measured seqlen." if s["sweep_measured"] else
+                           "(no seqlen where both snakes_triton and sdpa_flash were measured)"))
+    ps = next((p for p in s["per_shape"] if (p["batch"], p["seqlen"]) == (gb, gL)), None)
+    if ps:
+        torch_part = (f"snakes_torch takes {_x(ps['vs_torch_fb'])} snakes_triton's forward+backward time; "
+                      if ps["vs_torch_fb"] is not None else "")
+        out.append(f"At {gb} x {gL:,}, {torch_part}"
+                   f"official_triton takes {_x(ps['vs_official_fwd'])} its forward and {_x(ps['vs_official_fb'])} its "
+                   f"forward+backward time (> 1: snakes_triton is faster).")
+    earlier = k.get("torch_side_by_side_earlier")
+    if earlier:
+        out += ["", f"{_cell(k.get('errata', ''))}", "",
+                f"Side by side in that earlier run ({earlier['device']}, torch {earlier['torch']}, triton {earlier['triton']}; "
+                f"{_cell(earlier['note'])}):", "",
+                "| batch x seqlen | implementation | forward | forward+backward | peak (f+b, inputs included) | "
+                "snakes_torch / this (fwd, f+b) |", "|---|---|---|---|---|---|"]
+        for r in earlier["rows"]:
+            base = next((q for q in earlier["rows"] if q["impl"] == "snakes_torch"
+                         and (q["batch"], q["seqlen"]) == (r["batch"], r["seqlen"])), None)
+            ratios = "-" if base is None else f"{_x(_ratio(base['fwd_ms'], r['fwd_ms']))}, {_x(_ratio(base['fb_ms'], r['fb_ms']))}"
+            out.append(f"| {r['batch']} x {r['seqlen']:,} | {r['impl']} | {_ms(r['fwd_ms'])} | {_ms(r['fb_ms'])} | "
+                       f"{r['peak_gib']:.3f} GiB | {ratios} |")
+    cases = k.get("correctness") or []
+    if cases:
+        out += ["", "Relative error ||a - b|| / ||b|| against snakes_torch in float64 on the same (upcast) inputs:", "",
+                "| case | implementation | y | " + " | ".join(GRAD_NAMES) + " |", "|---|---|---|" + "---|" * len(GRAD_NAMES)]
+        for case in cases:
+            name = (f"{case['batch']} x {case['seqlen']:,}, ngroups {case['ngroups']}, chunk {case['chunk_size']}, "
+                    f"{case['dtype']}")
+            for impl, errs in case["errors"].items():
+                if isinstance(errs, str):
+                    out.append(f"| {name} | {impl} | {_cell('error: ' + errs[:80])} |" + " |" * len(GRAD_NAMES))
+                    continue
+                e = lambda key: "-" if errs.get(key) is None else f"{errs[key]:.1e}"
+                out.append(f"| {name} | {impl} | {e('y')} | " + " | ".join(e(g) for g in GRAD_NAMES) + " |")
+    if k.get("errors"):
+        out += ["", "Errors: " + "; ".join(f"{e.get('impl')} at {e.get('shape')}: {str(e.get('error'))[:120]}"
+                                           for e in k["errors"])]
+    return "\n".join(out)
+
+
 def main() -> int:
     sections = [("ssd_cpu.json", ssd_table), ("ssd_cuda.json", ssd_table), ("memory_cuda.json", memory_table),
                 ("decode_cpu.json", decode_table), ("decode_cuda.json", decode_table),
@@ -135,7 +315,10 @@ def main() -> int:
         if d is None:
             print(f"_{name}: not measured yet_\n")
             continue
-        print(render(d) + "\n")
+        if "results" in d or render is not ssd_table:  # a file holding only the kernels section has no sweep
+            print(render(d) + "\n")
+        if render is ssd_table and "kernels" in d:
+            print(kernels_table(d["kernels"]) + "\n")
     return 0
 
 

@@ -8,6 +8,7 @@ Docs: https://github.com/snakes-course/snakes/ssd.html.md"""
 from __future__ import annotations
 
 import time
+import warnings
 import weakref
 
 import torch
@@ -169,6 +170,31 @@ def ssd_quadratic(x, dt, A, B, C, D=None, initial_state=None):
         y = y + D.to(cd)[:, None] * x_
     return y.to(x.dtype), final.to(x.dtype)
 
+# %% ../notebooks/03_ssd.ipynb #8a8fb753
+_FALLBACK_WARNED: set = set()
+
+
+def _fast_backend(x, B, chunk_size, backend: str):
+    """The chapter 09 Triton `ssd_chunked` when it can run this call, else None (backend "auto" warns once why)."""
+    if backend not in ("auto", "triton"):
+        raise ValueError(f'backend must be "auto", "torch" or "triton", got {backend!r}')
+    if not isinstance(x, torch.Tensor) or (backend == "auto" and not x.is_cuda):
+        return None                                 # bad inputs get the PyTorch path's clear errors
+    try:
+        from . import ssd_triton                    # chapter 09; needs the triton package
+    except ImportError as e:
+        reason = f"the triton package is not importable ({e})"
+    else:
+        reason = ssd_triton.triton_unsupported_reason(x, B, chunk_size)
+        if reason is None:
+            return ssd_triton.ssd_chunked_triton
+    if backend == "triton":
+        raise ValueError(f"backend='triton' cannot run this call: {reason}. Use backend='torch' or 'auto'.")
+    if reason not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(reason)
+        warnings.warn(f"ssd_chunked: using the PyTorch path because {reason}", stacklevel=3)
+    return None
+
 # %% ../notebooks/03_ssd.ipynb #f72dde5e
 def _decay_matrix(a: torch.Tensor) -> torch.Tensor:
     """exp(segsum(a)): a (..., Q) -> (..., Q, Q), the within-chunk decay, in fewer passes than `segsum`.
@@ -186,12 +212,18 @@ def _decay_matrix(a: torch.Tensor) -> torch.Tensor:
     return torch.exp(sums.masked_fill(~causal, float("-inf")))
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None, check_values: bool = True):
+def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None, check_values: bool = True,
+                backend: str = "auto"):
     """The SSD chunked dual form: O(seqlen * chunk_size) time, memory linear in seqlen.
 
     Shapes as `ssd_recurrent`; any seqlen and any chunk_size >= 1 (the tail chunk is zero-padded with dt = 0,
     which neither decays nor adds to the state). Returns (y (batch, seqlen, nheads, headdim),
-    final_state (batch, nheads, headdim, dstate))."""
+    final_state (batch, nheads, headdim, dstate)). backend: "torch" is the code below; "triton" the fused GPU
+    kernels of chapter 09; "auto" takes Triton for CUDA tensors it supports, else this code."""
+    if backend != "torch":
+        fast = _fast_backend(x, B, chunk_size, backend)
+        if fast is not None:
+            return fast(x, dt, A, B, C, chunk_size, D, initial_state, check_values)
     batch, seqlen, nheads, headdim, ngroups, dstate = check_ssd_inputs(x, dt, A, B, C, D, initial_state,
                                                                        check_values)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -339,7 +371,7 @@ def measure_ssd(form: str = "chunked", seqlen: int = 1024, chunk_size: int = 64,
     inputs = [t.to(device=device, dtype=dtype if i in (0, 3, 4) else torch.float32) for i, t in enumerate(inputs)]
     if backward:
         inputs = [t.requires_grad_() for t in inputs]
-    kw = dict(chunk_size=chunk_size) if form == "chunked" else {}
+    kw = dict(chunk_size=chunk_size, backend="torch") if form == "chunked" else {}   # this chapter's code, also on a GPU
     fn = forms[form]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 

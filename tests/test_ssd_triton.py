@@ -146,3 +146,43 @@ def test_bf16_on_gpu_matches_the_pytorch_path(shape):
     for name, leaf, r in zip(NAMES, leaves, ref):
         if leaf is not None:
             assert norm_rel(leaf.grad, r.grad) < (5e-2 if name == "A" else 1e-2), name
+
+
+def test_ssd_chunked_backends_dispatch():
+    x, dt, A, B, C, D, h0 = make(2, 23, 4, 16, 2, 16, seed=3)
+    y_torch, f_torch = ssd_chunked(x, dt, A, B, C, 16, D, h0, backend="torch")
+    y_triton, f_triton = ssd_chunked(x, dt, A, B, C, 16, D, h0, backend="triton")
+    assert rel(y_triton, y_torch) < 1e-5 and rel(f_triton, f_torch) < 1e-5
+    y_auto, _ = ssd_chunked(x, dt, A, B, C, 16, D, h0)                 # auto: Triton on CUDA, else PyTorch
+    assert torch.equal(y_auto, y_triton if DEVICE == "cuda" else y_torch)
+    with pytest.raises(ValueError, match="chunk_size 24 is not one of"):
+        ssd_chunked(x, dt, A, B, C, 24, backend="triton")
+    with pytest.raises(ValueError, match="backend must be"):
+        ssd_chunked(x, dt, A, B, C, 16, backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the automatic choice of Triton needs CUDA tensors")
+def test_auto_backend_falls_back_with_one_warning():
+    x, dt, A, B, C, D, _ = make(1, 40, 2, 16, 1, 16)
+    with pytest.warns(UserWarning, match="chunk_size 24"):
+        y, _ = ssd_chunked(x, dt, A, B, C, 24, D)
+    assert torch.allclose(y, ssd_chunked(x, dt, A, B, C, 24, D, backend="torch")[0])
+
+
+def test_inductor_compiles_the_op_with_strided_inputs_forward_and_backward():
+    """In the model x is a transposed view (the conv's output); the compiled graph checks the op's output strides
+    against its fake implementation, so they must agree (found on an H200: the backward's fake copied x's strides)."""
+    x0, dt, A, B, C, D, _ = make(1, 19, 2, 16, 1, 16, with_h=False)
+    x_t = x0.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2).requires_grad_()      # same values, (L, h, P) strided
+    assert not x_t.is_contiguous()
+
+    def loss(x, dt, B, C):
+        return ssd_chunked(x, dt, A, B, C, 16, D, check_values=False, backend="triton")[0].square().sum()
+
+    leaves = [x_t, dt.clone().requires_grad_(), B.clone().requires_grad_(), C.clone().requires_grad_()]
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True)
+    grads = torch.autograd.grad(compiled(*leaves), leaves)
+    grads_eager = torch.autograd.grad(loss(*leaves), leaves)
+    for g, e in zip(grads, grads_eager):
+        assert torch.allclose(g, e, rtol=1e-5, atol=1e-5)
