@@ -138,18 +138,18 @@ def cmd_demo(args) -> int:
     """Train the tiny model on the bundled corpus on the CPU, then continue the story of Maia."""
     from snakes_lib.presets import resolve_preset
     from snakes_lib.train import train, load_run, find_checkpoint, RunDirError
-    out = Path(args.out)
-    resume = False
-    if out.exists() and not args.fresh:
-        try:
-            resume = find_checkpoint(out, verbose=False) is not None
-        except RunDirError:
-            resume = False
-        if resume:
-            print(f"{out} holds an earlier demo run: continuing it (pass --fresh to start over)")
-    if args.fresh and out.exists():
-        import shutil
-        shutil.rmtree(out)
+    from snakes_lib.runfolder import check_out, is_snakes_run, remove_run
+    try:
+        out = check_out(args.out)
+        if args.fresh:                       # deletes a snakes run's own files, never a folder snakes did not make
+            left = remove_run(out, "snakes demo --fresh")
+            if left:
+                print(f"--fresh: kept {', '.join(left)} in {out} (not written by snakes)")
+        resume = is_snakes_run(out) and find_checkpoint(out, verbose=False) is not None
+    except RunDirError as e:
+        return _err(str(e))
+    if resume:
+        print(f"{out} holds an earlier demo run: continuing it (pass --fresh to start over)")
     cfg = resolve_preset("cpu", out=str(out), device=args.device, max_steps=args.max_steps,
                          max_minutes=args.max_minutes, resume=resume, seed=args.seed, **DEMO_OVERRIDES)
     print(f"snakes demo: training the tiny Mamba-2 on the bundled corpus ({cfg.max_steps} steps of "
@@ -251,7 +251,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt as e:           # RunInterrupted says what was kept; partial files are already removed
+        print(f"snakes: {e}" if str(e) else "snakes: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ def lm_experiment(out_dir, model_size: str = "tiny", vocab_size: int = 2048, lrs
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [str(p) for p in (data or [bundled_corpus_dir()])]
+    from snakes_lib.runfolder import claim_run_dir, remove_run
     tok_path = out_dir / "tokenizer.json"
     tokenizer = train_tokenizer_for(paths, vocab_size=vocab_size)
     tokenizer.save(tok_path)
@@ -113,8 +114,9 @@ def lm_experiment(out_dir, model_size: str = "tiny", vocab_size: int = 2048, lrs
             params[name] = parameter_report(build_model(configs[name]))
         for lr in lrs:
             run_dir = out_dir / f"{name}_lr{lr:g}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            run_dir.mkdir(parents=True)
+            remove_run(run_dir, "compare_models")             # an earlier sweep's run: only snakes' own files
+            run_dir.mkdir(parents=True, exist_ok=True)
+            claim_run_dir(run_dir, "compare_models", created=True)  # the marker first: then the folder is a run
             shutil.copy(tok_path, run_dir / "tokenizer.json")  # one tokenizer for every run
             cfg = TrainConfig(preset="custom", model_size=model_size, model_type=name, model_config=model_config[name],
                               vocab_size=vocab_size, data=paths, out=str(run_dir), device=device,

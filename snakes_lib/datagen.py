@@ -345,6 +345,7 @@ def _cmd_generate(args) -> int:
     if args.seed is not None:
         options["seed"] = args.seed
     several = len(args.topics) > 1
+    out = Path(args.out)
     try:
         for tp in map(Path, args.topics):
             if not tp.is_file():
@@ -361,4 +362,8 @@ def _cmd_generate(args) -> int:
     except (OllamaUnavailableError, ModelNotFoundError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every file is written atomically: what exists is finished, nothing is half-written
+        n = len(list(out.glob("*.txt"))) if out.is_dir() else 0
+        print(f"interrupted: {n} finished texts in {out}; run the same command again to continue", file=sys.stderr)
+        return 130
     return 0

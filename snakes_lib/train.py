@@ -31,14 +31,15 @@ from safetensors.torch import save_file as _st_save, load_file as _st_load
 from safetensors.torch import save_model as _st_save_model, load_model as _st_load_model
 
 from .presets import (MODEL_SIZES, TrainConfig, detect_device, resolve_precision, resolve_preset)
+from .runfolder import (RunDirError, RunFolder, RunInterrupted, _fsync_dir, atomic_write_bytes, atomic_write_json,
+                               disk_error)
 
 # %% auto #0
 __all__ = ['MODEL_FACTORIES', 'CHECKPOINTS', 'MANIFEST', 'chunked_cross_entropy', 'lm_loss', 'lr_at', 'no_weight_decay',
-           'make_optimizer', 'register_model', 'model_config_for', 'build_model', 'RunDirError',
-           'CheckpointCorruptError', 'NonFiniteLossError', 'atomic_write_bytes', 'atomic_write_json',
-           'optimizer_to_safetensors', 'optimizer_from_safetensors', 'rng_state', 'set_rng_state', 'save_model_dir',
-           'write_checkpoint', 'list_checkpoints', 'verify_checkpoint', 'find_checkpoint', 'export_model',
-           'plot_metrics', 'read_metrics', 'TrainResult', 'Trainer', 'train', 'load_run']
+           'make_optimizer', 'register_model', 'model_config_for', 'build_model', 'CheckpointCorruptError',
+           'NonFiniteLossError', 'optimizer_to_safetensors', 'optimizer_from_safetensors', 'rng_state', 'set_rng_state',
+           'save_model_dir', 'write_checkpoint', 'list_checkpoints', 'verify_checkpoint', 'find_checkpoint',
+           'export_model', 'plot_metrics', 'read_metrics', 'TrainResult', 'Trainer', 'train', 'load_run']
 
 # %% ../notebooks/06_trainer.ipynb #17e3fca3
 def _ce_chunk_sum(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor,
@@ -166,44 +167,12 @@ def build_model(model_type: str, config: dict) -> nn.Module:
     return MODEL_FACTORIES[model_type](config)
 
 # %% ../notebooks/06_trainer.ipynb #bcc1e1a2
-class RunDirError(RuntimeError):
-    """A run directory is missing, incomplete or corrupt; the message says which file and what to do."""
-
+# RunDirError, atomic_write_bytes and atomic_write_json come from snakes_lib.runfolder (chapter 06, run folders)
 class CheckpointCorruptError(RunDirError):
     """A checkpoint's files do not match its manifest (truncated or half-written)."""
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the run stopped and kept its last good checkpoint."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:          # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never half of one:
-    a temp file in the same folder, flush + fsync, then os.replace (atomic on POSIX and Windows)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _sha256(path: Path) -> str:
@@ -293,27 +262,32 @@ def save_model_dir(model: nn.Module, directory: Path, model_type: str) -> None:
 def write_checkpoint(run_dir: str | Path, step: int, files: Callable[[Path], None], keep: int = 2) -> Path:
     """Write checkpoint `step` atomically: `files(tmp_dir)` fills a temp folder, a manifest of sizes and
     sha256 sums is added, everything is fsynced, the folder is renamed into place, then the `latest` pointer is
-    replaced atomically. Older checkpoints beyond the newest `keep` are removed only after that."""
+    replaced atomically. Older checkpoints beyond the newest `keep` are removed only after that. If anything fails
+    (a full disk, Ctrl-C), the temp folder is removed and the previous checkpoints are untouched."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / _step_dir_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    files(tmp)
-    manifest = {"step": step, "files": {}}
-    for p in sorted(tmp.iterdir()):
-        with open(p, "rb+") as f:
-            os.fsync(f.fileno())
-        manifest["files"][p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-    atomic_write_json(tmp / MANIFEST, manifest)
-    _fsync_dir(tmp)
-    if final.exists():                         # re-saving the same step (e.g. Ctrl-C right after a save)
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        shutil.rmtree(old)
-    os.replace(tmp, final)
+    try:                                       # a full disk or Ctrl-C: no temp folder is left behind
+        tmp.mkdir()
+        files(tmp)
+        manifest = {"step": step, "files": {}}
+        for p in sorted(tmp.iterdir()):
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+            manifest["files"][p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        atomic_write_json(tmp / MANIFEST, manifest)
+        _fsync_dir(tmp)
+        if final.exists():                     # re-saving the same step (e.g. Ctrl-C right after a save)
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            shutil.rmtree(old)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _fsync_dir(root)
     atomic_write_bytes(root / "latest", (final.name + "\n").encode())
     for d in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
@@ -385,15 +359,17 @@ def export_model(model: nn.Module, run_dir: str | Path, model_type: str, info: d
     tmp = run_dir / f".tmp-export-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_model_dir(model, tmp, model_type)
-    files = {}
-    for p in sorted(tmp.iterdir()):
-        with open(p, "rb+") as f:
-            os.fsync(f.fileno())
-        files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-    for p in sorted(tmp.iterdir()):
-        os.replace(p, run_dir / p.name)
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_model_dir(model, tmp, model_type)
+        files = {}
+        for p in sorted(tmp.iterdir()):
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+            files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(tmp.iterdir()):
+            os.replace(p, run_dir / p.name)
+    finally:                                   # done, failed (full disk) or interrupted: no temp folder is left
+        shutil.rmtree(tmp, ignore_errors=True)
     atomic_write_json(run_dir / "export.json", {**info, "files": files})
 
 
@@ -503,13 +479,83 @@ class Trainer:
         self._stop_requested = False
         self._elapsed = 0.0
         self._last_ckpt_step: Optional[int] = None
+        self._folder: Optional[RunFolder] = None     # the open run folder (lock held) while setting up and training
+        self._phase = "setup"
+        self._abort = False
 
     # ---- setup -----------------------------------------------------------------------------------------------
     def _log(self, msg: str) -> None:
         if self.cfg.progress:
             print(msg, flush=True)
 
+    @contextlib.contextmanager
+    def _writing(self):
+        """Hold the run folder (checked, locked, marked: snakes_lib.runfolder.RunFolder) while writing to it, and turn
+        Ctrl-C into RunInterrupted and a full or read-only disk into DiskWriteError, each saying what was kept."""
+        if self._folder is not None:
+            yield
+            return
+        self._folder = RunFolder(self.cfg.out, "snakes train").open()
+        if self._folder.removed:
+            self._log(f"removed the debris of interrupted writes: {', '.join(self._folder.removed)}")
+        try:
+            yield
+        except RunInterrupted:
+            raise
+        except KeyboardInterrupt:
+            raise RunInterrupted(self._interrupted()) from None
+        except Exception as e:                      # OSError, or safetensors' SafetensorError "(os error 28)"
+            err = disk_error(e, self.run_dir, self._checkpoint_bytes(), self._kept())
+            if err is None:
+                raise
+            raise err from None
+        finally:
+            if self._folder is not None:
+                self._folder.close()
+            self._folder = None
+
+    def _newest(self) -> Optional[Path]:
+        try:
+            return find_checkpoint(self.run_dir, verbose=False)
+        except (RunDirError, OSError):
+            return None
+
+    def _kept(self) -> str:
+        ck = self._newest()
+        return (f"The newest good checkpoint, {ck}, is intact: continue with --resume." if ck else
+                "No checkpoint of this run was saved yet.")
+
+    def _checkpoint_bytes(self) -> Optional[int]:
+        """About what one checkpoint takes: the newest one's size, else weights + AdamW's two moments."""
+        ck = self._newest()
+        if ck is not None:
+            return sum(p.stat().st_size for p in ck.iterdir())
+        if not hasattr(self, "model"):
+            return None
+        return 3 * sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def _interrupted(self) -> str:
+        """What Ctrl-C outside the training steps leaves, as one sentence (a new run with nothing saved is removed)."""
+        ck = self._newest()
+        if self._phase == "setup" and ck is None:
+            self._folder.discard()
+            self._folder = None
+            return (f"interrupted during set-up: nothing was saved, and what snakes had written to {self.run_dir} was "
+                    "removed; run the same command again to start.")
+        if self._phase == "setup":
+            return (f"interrupted while resuming: {self.run_dir} is unchanged (newest checkpoint {ck.name}); "
+                    "continue with --resume.")
+        if ck is None:
+            return (f"interrupted before the first checkpoint: nothing was saved in {self.run_dir}; run the same "
+                    "command again to start over.")
+        return f"interrupted: the newest good checkpoint, {ck}, is intact; continue with --resume."
+
     def setup(self) -> None:
+        """Open the run folder (refused unless new, empty or this run; locked), then tokenizer, data, model, optimizer."""
+        with self._writing():
+            self._setup()
+
+    def _setup(self) -> None:
         from snakes_lib.tokenizer import SnakesTokenizer, check_tokenizer_fingerprint
         from snakes_lib.data import bundled_corpus_dir, prepare_data, train_tokenizer_for, EmptyDataError
 
@@ -590,6 +636,7 @@ class Trainer:
             self._log(f"resumed {run_dir} at step {self.step} from {ckpt.name}")
         atomic_write_json(run_dir / "train_config.json", self.cfg.to_dict())
         self._truncate_metrics()
+        self._phase = "train"
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -730,21 +777,32 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def _sigint(self, signum, frame) -> None:
-        if self._stop_requested:            # second Ctrl-C: stop now
+        if self._stop_requested:            # second Ctrl-C: stop now, save nothing more
+            self._abort = True
             raise KeyboardInterrupt
         self._stop_requested = True
         print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abort at once)", flush=True)
 
     def fit(self) -> TrainResult:
+        """Set up (if not yet), train, save, export. Ctrl-C: the first finishes the step and saves, a second aborts
+        (RunInterrupted says what was kept); a full or read-only disk raises DiskWriteError."""
+        with self._writing():
+            if not hasattr(self, "model"):
+                self._setup()
+            old_handler = None
+            try:
+                old_handler = signal.signal(signal.SIGINT, self._sigint)
+            except ValueError:               # not the main thread
+                pass
+            try:
+                return self._fit()
+            finally:
+                if old_handler is not None:
+                    signal.signal(signal.SIGINT, old_handler)
+
+    def _fit(self) -> TrainResult:
         from tqdm.auto import tqdm
-        if not hasattr(self, "model"):
-            self.setup()
         cfg = self.cfg
-        old_handler = None
-        try:
-            old_handler = signal.signal(signal.SIGINT, self._sigint)
-        except ValueError:                   # not the main thread
-            pass
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
         window, t0, clean = [], time.perf_counter(), True
         start_step = self.step
@@ -782,6 +840,8 @@ class Trainer:
                 elif cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0 and self.stop_reason is None:
                     self.save_checkpoint()
         except KeyboardInterrupt:
+            if self._abort:
+                raise
             self.stop_reason = "interrupted"
             if not clean and self.step == step_before:
                 # the weights only change at the end of a step: drop the partial step and rewind its batches
@@ -792,8 +852,7 @@ class Trainer:
             clean = True
         finally:
             bar.close()
-            if old_handler is not None:
-                signal.signal(signal.SIGINT, old_handler)
+        self._phase = "save"
         if self.stop_reason in ("max_steps", "early_stopping", "time_budget") and self.eval_enabled \
                 and self.last_eval_step != self.step:
             self._eval_and_maybe_stop()
