@@ -249,7 +249,7 @@ def estimate_memory(size: ModelSize | str, vocab_size: int, batch_size: int, seq
     conv's input/output, the SSD's intra-chunk (chunk x chunk) decay and score matrices per head, the gated norm);
     with activation checkpointing only each block's fp32 input is kept, plus one block recomputed at a time;
     logits: (tokens, vocab) in half precision + an fp32 copy + its gradient, or one chunk of rows with chunked CE.
-    The coefficients are calibrated against the measured ys-71m figures in DESIGN.md; expect +-30%."""
+    The coefficients were fitted by hand to the ys-71m runs of benchmarks/memory.py (H100); expect +-30%."""
     s = MODEL_SIZES[size] if isinstance(size, str) else size
     n = count_parameters(s, vocab_size, pad_vocab_size_multiple=pad_vocab_size_multiple)
     a = 2 if precision in ("bf16", "fp16") else 4
