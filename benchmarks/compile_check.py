@@ -94,6 +94,19 @@ def compare(c, e, ref=None):
     return {k: rel_err(c[k], ref[k]) for k in ref}, {k: rel_err(e[k], ref[k]) for k in ref}
 
 
+def eager_vs_compiled(fn, run, ref):
+    """run(fn) eagerly (after a warm-up) and run(torch.compile(fn)) twice: (errors of compiled vs eager, eager's own
+    errors vs ref, warm eager time, first compiled time (compilation included), warm compiled time)."""
+    run(fn)
+    e, t_eager = timed(lambda: run(fn))
+    torch._dynamo.reset()
+    compiled = torch.compile(fn)
+    c, t_first = timed(lambda: run(compiled))
+    _, t_second = timed(lambda: run(compiled))
+    errs, eager_errs = compare(c, e, ref)
+    return errs, eager_errs, t_eager, t_first, t_second
+
+
 def case_ssd(dtype, chunk, seqlen=1000, batch=2, ngroups=2, nheads=8):
     inputs = ssd_inputs(seqlen, dtype, ngroups=ngroups, nheads=nheads, batch=batch)
     fn = lambda **kw: ssd.ssd_chunked(**kw, chunk_size=chunk, backend="torch")
@@ -104,16 +117,8 @@ def case_ssd(dtype, chunk, seqlen=1000, batch=2, ngroups=2, nheads=8):
         (y, s), g = fwd_bwd(f, ins, loss)
         return dict(y=y, state=s, **{f"d{k}": v for k, v in g.items()})
 
-    ref = None
-    if dtype != torch.float32:
-        ref = results(fn, {k: v.float() for k, v in inputs.items()})
-    results(fn, inputs)                                   # warm-up
-    e, t_eager = timed(lambda: results(fn, inputs))
-    torch._dynamo.reset()
-    cfn = torch.compile(fn)
-    c, t_first = timed(lambda: results(cfn, inputs))
-    _, t_second = timed(lambda: results(cfn, inputs))
-    errs, eager_errs = compare(c, e, ref)
+    ref = results(fn, {k: v.float() for k, v in inputs.items()}) if dtype != torch.float32 else None
+    errs, eager_errs, t_eager, t_first, t_second = eager_vs_compiled(fn, lambda f: results(f, inputs), ref)
     gcount, breaks, reasons = explain(fn, **inputs)
     return dict(errs=errs, eager_errs=eager_errs, graphs=gcount, graph_breaks=breaks, break_reasons=reasons,
                 eager_s=t_eager, compile_first_s=t_first, compiled_s=t_second)
@@ -145,13 +150,7 @@ def case_model(dtype, mode, seqlen=1000, cache=False):
 
     low = dtype != torch.float32
     ref = results(model, False) if low else None
-    results(model, low)                                   # warm-up
-    e, t_eager = timed(lambda: results(model, low))
-    torch._dynamo.reset()
-    cm = torch.compile(model)
-    c, t_first = timed(lambda: results(cm, low))
-    _, t_second = timed(lambda: results(cm, low))
-    errs, eager_errs = compare(c, e, ref)
+    errs, eager_errs, t_eager, t_first, t_second = eager_vs_compiled(model, lambda m: results(m, low), ref)
     squash = lambda d: d and {**{k: v for k, v in d.items() if not k.startswith("d")},
                               "grads (worst parameter)": max([v for k, v in d.items() if k.startswith("d")], default=0.0)}
     errs, eager_errs = squash(errs), squash(eager_errs)
