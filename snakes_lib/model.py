@@ -234,6 +234,20 @@ class Mamba2Mixer(nn.Module):
         # Training-memory knob (not part of the config): recompute the SSD core and the gated norm in the backward
         # pass instead of storing their float32 intermediates, as the official fused kernels do.
         self.recompute_ssd = False
+        # Which kernels run the conv, the SSD and the gated norm: "auto" (chapter 09/10's Triton kernels on CUDA
+        # tensors, this chapter's PyTorch elsewhere), "torch" (always this chapter's code) or "triton" (always the
+        # kernels; on the CPU only under TRITON_INTERPRET=1, for tests).
+        self.kernels = "auto"
+
+    def _fused(self, t):
+        "Chapter 10's fused kernels module when this mixer should use it for tensor t, else None."
+        if self.kernels == "torch" or (self.kernels == "auto" and not t.is_cuda):
+            return None
+        from . import fused_block                    # chapter 10; needs the triton package
+        reason = fused_block.fused_unsupported_reason(t, self.norm.group_size)
+        if reason is not None and self.kernels == "triton":
+            raise ValueError(f"kernels='triton' cannot run this call: {reason}. Use kernels='torch' or 'auto'.")
+        return None if reason is not None else fused_block
 
     def _ssm_params(self, dt):
         "dt (..., nheads) raw -> (positive dt, A (nheads,), D (nheads,)), float32 or float64."
@@ -253,13 +267,17 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xBC_t = xBC.transpose(1, 2)                                            # (b, conv_dim, l)
         w, bias = self.conv1d.weight, self.conv1d.bias                         # (conv_dim, 1, d_conv), (conv_dim,)
-        if conv_state is None:
+        fused = self._fused(u) if conv_state is None else None
+        if fused is not None:                                                  # chapter 10: one kernel, no transposes
+            xBC = fused.causal_conv1d_silu(xBC, w[:, 0, :], bias)
+        elif conv_state is None:
             xBC_t = F.pad(xBC_t, (c.d_conv - 1, 0))                            # causal: zeros on the left
         else:
             history = torch.cat([conv_state.to(xBC_t.dtype), xBC_t], dim=-1)  # (b, conv_dim, d_conv + l)
             conv_state.copy_(history[:, :, -c.d_conv:])
             xBC_t = history[:, :, 1:]                                          # last d_conv-1 inputs, then the new
-        xBC = F.silu(F.conv1d(xBC_t, w, bias, groups=self.conv_dim)).transpose(1, 2)   # (b, l, conv_dim)
+        if fused is None:
+            xBC = F.silu(F.conv1d(xBC_t, w, bias, groups=self.conv_dim)).transpose(1, 2)   # (b, l, conv_dim)
         if self.recompute_ssd and ssm_state is None and self.training and torch.is_grad_enabled():
             y = torch.utils.checkpoint.checkpoint(self._ssd_gated, xBC, dt, z, use_reentrant=False)
         else:
@@ -276,9 +294,14 @@ class Mamba2Mixer(nn.Module):
                                B.reshape(b, l, c.ngroups, c.d_state), C.reshape(b, l, c.ngroups, c.d_state),
                                chunk_size=c.chunk_size, D=D,
                                initial_state=None if ssm_state is None else ssm_state.to(x.dtype),
-                               check_values=False)                     # dt > 0 by the clamp above: no sync
+                               check_values=False,                     # dt > 0 by the clamp above: no sync
+                               backend="auto" if self.kernels == "auto" else self.kernels)
         if ssm_state is not None:
             ssm_state.copy_(final)
+        fused = self._fused(z)
+        if fused is not None:
+            return fused.gated_rmsnorm(y.reshape(b, l, self.d_inner), z, self.norm.weight, self.norm.group_size,
+                                       self.norm.eps)
         return self.norm(y.reshape(b, l, self.d_inner), z)
 
     def step(self, u, conv_state, ssm_state):
@@ -356,6 +379,11 @@ class Mamba2Cache:
                 f"seqlen_offset={self.seqlen_offset}, nbytes={self.nbytes()})")
 
 # %% ../notebooks/05_model.ipynb #ccb1c4be
+def _capturing(t: torch.Tensor) -> bool:
+    "True while a CUDA graph is being captured (no read-backs allowed then)."
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class Mamba2LM(nn.Module):
     """Mamba-2 language model. model(input_ids (batch, seqlen), cache=None) -> logits (batch, seqlen, vocab_size).
 
@@ -405,6 +433,18 @@ class Mamba2LM(nn.Module):
         for block in self.backbone.layers:
             block.mixer.recompute_ssd = bool(value)
 
+    @property
+    def kernels(self) -> str:
+        "'auto' (Triton kernels on CUDA, PyTorch elsewhere), 'torch' or 'triton': which code runs every mixer."
+        return self.backbone.layers[0].mixer.kernels
+
+    @kernels.setter
+    def kernels(self, value: str):
+        if value not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernels must be 'auto', 'torch' or 'triton', got {value!r}")
+        for block in self.backbone.layers:
+            block.mixer.kernels = value
+
     # -- the parallel path ----------------------------------------------------------------------------------
     def _check_ids(self, input_ids):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
@@ -412,7 +452,7 @@ class Mamba2LM(nn.Module):
                             f"{getattr(input_ids, 'dtype', '')}")
         # the range check reads the ids back: a device sync, and under torch.compile a graph break, so a compiled
         # forward skips it (out-of-range ids then fail inside the embedding; call the model eagerly to get this message)
-        if torch.compiler.is_compiling() or not input_ids.numel():
+        if torch.compiler.is_compiling() or not input_ids.numel() or _capturing(input_ids):
             return
         lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()           # one read-back for both
         if hi >= self.config.padded_vocab_size or lo < 0:

@@ -1,0 +1,154 @@
+"""Chapter 10's fused block kernels (gated RMSNorm, causal depthwise conv + SiLU) and chapter 10b's CUDA-graph decoding
+step, against chapter 05's PyTorch. Without a GPU the kernels run in Triton's interpreter (conftest sets
+TRITON_INTERPRET=1) in float32 at small sizes; on a GPU the same tests run compiled, plus a bf16 model test."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton", reason="the Triton kernels need the triton package (pip install triton)")
+
+from snakes_lib import fused_block as FB  # noqa: E402
+from snakes_lib.graph_decode import GraphedStep  # noqa: E402
+from snakes_lib.model import GatedRMSNorm, Mamba2Config, Mamba2LM  # noqa: E402
+from snakes_lib.transformer import TransformerConfig, TransformerLM  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+@pytest.mark.parametrize("M,D,G,lead", [(1, 8, 8, ()), (7, 48, 16, ()), (5, 40, 40, (2,)), (3, 30, 10, (2, 1))])
+def test_gated_rmsnorm_forward_and_gradients_match_the_module(M, D, G, lead):
+    gen = torch.Generator().manual_seed(M * D)
+    y = torch.randn(*lead, M, D, generator=gen, dtype=torch.float64).to(DEVICE)
+    z = torch.randn(*lead, M, D + 3, generator=gen, dtype=torch.float64).to(DEVICE)[..., 1:1 + D]   # strided
+    ref = GatedRMSNorm(D, G).double().to(DEVICE)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(D, generator=gen, dtype=torch.float64))
+    yr, zr = y.clone().requires_grad_(), z.clone().requires_grad_()
+    out_ref = ref(yr, zr)
+    do = torch.randn_like(out_ref)
+    out_ref.backward(do)
+    w = ref.weight.detach().float().requires_grad_()
+    yf, zf = y.float().requires_grad_(), z.float().requires_grad_()
+    out = FB.gated_rmsnorm(yf, zf, w, G, ref.eps)
+    out.backward(do.float())
+    assert out.shape == out_ref.shape and out.dtype == torch.float32
+    for a, b in [(out, out_ref), (yf.grad, yr.grad), (zf.grad, zr.grad), (w.grad, ref.weight.grad)]:
+        assert rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("b,L,C,K", [(1, 1, 5, 4), (2, 7, 20, 4), (1, 70, 130, 4), (3, 5, 9, 3), (1, 66, 3, 2)])
+def test_causal_conv_silu_forward_and_gradients_match_conv1d(b, L, C, K):
+    gen = torch.Generator().manual_seed(b * L + C)
+    x = torch.randn(b, L, C + 2, generator=gen, dtype=torch.float64).to(DEVICE)[:, :, 2:]       # strided, as in the model
+    w = torch.randn(C, K, generator=gen, dtype=torch.float64).to(DEVICE)
+    bias = torch.randn(C, generator=gen, dtype=torch.float64).to(DEVICE)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, bias))
+    out_ref = F.silu(F.conv1d(F.pad(xr.transpose(1, 2), (K - 1, 0)), wr[:, None, :], br, groups=C)).transpose(1, 2)
+    do = torch.randn_like(out_ref)
+    out_ref.backward(do)
+    xf, wf, bf = (t.float().requires_grad_() for t in (x, w, bias))
+    out = FB.causal_conv1d_silu(xf, wf, bf)
+    out.backward(do.float())
+    for a, r in [(out, out_ref), (xf.grad, xr.grad), (wf.grad, wr.grad), (bf.grad, br.grad)]:
+        assert rel(a, r) < 1e-5
+
+
+def test_ops_pass_opcheck():
+    y, z = torch.randn(3, 5, 16, device=DEVICE), torch.randn(3, 5, 16, device=DEVICE)
+    torch.library.opcheck(FB._norm_fwd_op, (y.requires_grad_(), z.requires_grad_(), torch.randn(16, device=DEVICE), 8, 1e-5))
+    x = torch.randn(2, 9, 12, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(FB._conv_fwd_op, (x, torch.randn(12, 4, device=DEVICE), torch.randn(12, device=DEVICE)))
+
+
+@pytest.mark.parametrize("ngroups,L", [(1, 1), (2, 37), (1, 64)])
+def test_model_with_every_kernel_equals_the_pytorch_model(ngroups, L):
+    cfg = Mamba2Config(d_model=32, n_layer=2, d_state=16, headdim=16, ngroups=ngroups, vocab_size=97, chunk_size=16)
+    torch.manual_seed(L)
+    model = Mamba2LM(cfg).to(DEVICE)
+    ids = torch.randint(0, cfg.vocab_size, (2, L), device=DEVICE)
+    out = {}
+    for kernels in ("torch", "triton"):
+        model.kernels = kernels
+        model.zero_grad()
+        logits = model(ids)
+        (logits.float() * torch.linspace(-1, 1, logits.shape[-1], device=DEVICE)).sum().backward()
+        out[kernels] = logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert model.kernels == "triton"
+    assert rel(out["triton"][0], out["torch"][0]) < 1e-5
+    for name, g in out["torch"][1].items():
+        assert rel(out["triton"][1][name], g) < 1e-4, name
+
+
+def test_kernels_knob_is_validated_and_unsupported_inputs_are_refused():
+    cfg = Mamba2Config(d_model=32, n_layer=1, d_state=16, headdim=16, vocab_size=50, chunk_size=16)
+    model = Mamba2LM(cfg)
+    with pytest.raises(ValueError, match="kernels must be"):
+        model.kernels = "cuda"
+    model = model.double().to(DEVICE)
+    model.kernels = "triton"
+    with pytest.raises(ValueError, match="kernels='triton' cannot run"):
+        model(torch.randint(0, 50, (1, 5), device=DEVICE))
+    model.kernels = "auto"                        # float64: PyTorch everywhere, no error
+    assert model(torch.randint(0, 50, (1, 5), device=DEVICE)).dtype == torch.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels need a GPU (the interpreter has no bf16)")
+def test_bf16_model_on_gpu_matches_the_pytorch_path():
+    cfg = Mamba2Config(d_model=256, n_layer=2, d_state=64, headdim=64, vocab_size=1000, chunk_size=64)
+    torch.manual_seed(0)
+    model = Mamba2LM(cfg).cuda()
+    ids = torch.randint(0, 1000, (2, 333), device="cuda")
+    out = {}
+    for kernels in ("torch", "auto"):
+        model.kernels = kernels
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(ids)
+        logits.float().pow(2).mean().backward()
+        out[kernels] = logits.float(), {n: p.grad.float() for n, p in model.named_parameters()}
+    assert rel(out["auto"][0], out["torch"][0]) < 2e-2
+    for name, g in out["torch"][1].items():
+        assert rel(out["auto"][1][name], g) < 5e-2, name
+
+
+def test_graphed_step_refuses_cpu_and_growing_caches():
+    mcfg = Mamba2Config(d_model=32, n_layer=1, d_state=16, headdim=16, vocab_size=50, chunk_size=16)
+    model = Mamba2LM(mcfg)
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphedStep(model, model.allocate_inference_cache(1, device="cpu"))
+    tmodel = TransformerLM(TransformerConfig(d_model=32, n_layer=1, n_head=2, intermediate_size=64, vocab_size=50))
+    with pytest.raises(TypeError, match="fixed-size"):
+        GraphedStep(tmodel, tmodel.allocate_inference_cache(1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_step_decodes_what_the_eager_step_decodes():
+    cfg = Mamba2Config(d_model=64, n_layer=3, d_state=16, headdim=16, vocab_size=300, chunk_size=32)
+    torch.manual_seed(0)
+    model = Mamba2LM(cfg).cuda().eval()
+    prompt = torch.randint(0, 300, (3, 41), device="cuda")
+    runs = {}
+    for name in ("eager", "graph"):
+        cache = model.allocate_inference_cache(3)
+        with torch.no_grad():
+            tok = model(prompt, cache=cache)[:, -1].argmax(-1)
+            step = GraphedStep(model, cache) if name == "graph" else (lambda t: model.step(t, cache))
+            toks, logits = [], []
+            for _ in range(40):
+                out = step(tok)
+                logits.append(out.clone())
+                tok = out.argmax(-1)
+                toks.append(tok)
+        runs[name] = torch.stack(toks, 1), torch.stack(logits, 1), cache.seqlen_offset
+    assert torch.equal(runs["eager"][0], runs["graph"][0])
+    assert torch.allclose(runs["eager"][1], runs["graph"][1], atol=1e-5, rtol=1e-5)
+    assert runs["eager"][2] == runs["graph"][2] == 41 + 40
