@@ -323,6 +323,12 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y)
 
 # %% ../notebooks/05_model.ipynb #c788dbb8
+def _normed(norm: nn.Module, h: torch.Tensor, fused) -> torch.Tensor:
+    "norm(h) in the norm's dtype; with chapter 10's kernels module (`fused`), an RMSNorm runs as one kernel."
+    h = h.to(norm.weight.dtype)
+    return fused.rmsnorm(h, norm.weight, norm.eps) if fused is not None and isinstance(norm, RMSNorm) else norm(h)
+
+
 class Mamba2Block(nn.Module):
     "Pre-norm residual block: h + mixer(norm(h)). h: (batch, seqlen, d_model)."
     def __init__(self, config: Mamba2Config, layer_idx: int = 0):
@@ -336,7 +342,7 @@ class Mamba2Block(nn.Module):
         return h.float() if self.config.residual_in_fp32 and h.dtype in (torch.float16, torch.bfloat16) else h
 
     def forward(self, h, conv_state=None, ssm_state=None):
-        out = self.mixer(self.norm(h.to(self.norm.weight.dtype)), conv_state, ssm_state)
+        out = self.mixer(_normed(self.norm, h, self.mixer._fused(h)), conv_state, ssm_state)
         return self._residual(h) + out
 
     def step(self, h, conv_state, ssm_state):
@@ -476,7 +482,8 @@ class Mamba2LM(nn.Module):
                 h = block(h)
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
-        return self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))
+        fused = self.backbone.layers[0].mixer._fused(h) if len(self.backbone.layers) else None
+        return _normed(self.backbone.norm_f, h, fused)
 
     def forward(self, input_ids, cache: Mamba2Cache | None = None):
         """input_ids (batch, seqlen) -> logits (batch, seqlen, vocab_size). With a cache: continue from its state

@@ -152,3 +152,21 @@ def test_graphed_step_decodes_what_the_eager_step_decodes():
     assert torch.equal(runs["eager"][0], runs["graph"][0])
     assert torch.allclose(runs["eager"][1], runs["graph"][1], atol=1e-5, rtol=1e-5)
     assert runs["eager"][2] == runs["graph"][2] == 41 + 40
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (2, 5, 24), (3, 1, 40)])
+def test_rmsnorm_without_gate_matches_the_module(shape):
+    from snakes_lib.model import RMSNorm
+    D = shape[-1]
+    ref = RMSNorm(D).double().to(DEVICE)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(D, dtype=torch.float64))
+    x = torch.randn(*shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    out_ref = ref(x)
+    do = torch.randn_like(out_ref)
+    out_ref.backward(do)
+    xf, wf = x.detach().float().requires_grad_(), ref.weight.detach().float().requires_grad_()
+    out = FB.rmsnorm(xf, wf, ref.eps)
+    out.backward(do.float())
+    for a, b in [(out, out_ref), (xf.grad, x.grad), (wf.grad, ref.weight.grad)]:
+        assert rel(a, b) < 1e-5
