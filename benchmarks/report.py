@@ -306,10 +306,46 @@ def kernels_table(k: dict) -> str:
     return "\n".join(out)
 
 
+def train_step_table(d: dict) -> str:
+    "benchmarks/train_step.py: ms per training step and peak memory per model and length."
+    rows = [r for r in d["rows"] if not r["oom"]]
+    lengths = sorted({r["seq_len"] for r in rows})
+    label = dict(mamba2="Mamba-2, every kernel (default)", mamba2_ssd_only="Mamba-2, Triton SSD only (chapter 09)",
+                 mamba2_torch="Mamba-2, chapter 05's PyTorch", transformer="Transformer++ (SDPA)")
+    out = [f"**Training step on {d['device']}** (torch {d['torch']}; 115M Mamba-2 (d_model 768, 24 layers, dstate 128) and "
+           f"its parameter-matched Transformer++; {d['tokens_per_step']:,} tokens per step, {d['amp']} autocast, fused "
+           "AdamW; median ms per step, peak memory)", "",
+           "| model | " + " | ".join(f"L = {L:,}" for L in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+    for m in dict.fromkeys(r["model"] for r in rows):
+        for comp in (False, True):
+            cells = {r["seq_len"]: r for r in rows if r["model"] == m and r["compiled"] == comp}
+            if cells:
+                name = label.get(m, m) + (", torch.compile" if comp else "")
+                out.append(f"| {name} | " + " | ".join(
+                    f"{cells[L]['ms']:.1f} ms, {cells[L]['peak_gib']:.1f} GiB" if L in cells else "-" for L in lengths) + " |")
+    return "\n".join(out)
+
+
+def decode_fast_table(d: dict) -> str:
+    "benchmarks/decode_fast.py: ms per generated token, eager and CUDA graph, against the Transformer++."
+    out = [f"**Decoding on {d['device']}** (torch {d['torch']}, {d['dtype']}; the 115M models; median ms per generated "
+           f"token after a prompt of the given length; CUDA graph == eager greedy tokens: {d.get('graph_equals_eager')})", ""]
+    for batch in sorted({r["batch"] for r in d["rows"]}):
+        rows = [r for r in d["rows"] if r["batch"] == batch and r["ms_per_token"]]
+        ctxs = sorted({r["context"] for r in rows})
+        out += ["", f"batch {batch}:", "", "| model | " + " | ".join(f"{c:,}" for c in ctxs) + " |",
+                "|---" * (len(ctxs) + 1) + "|"]
+        for m in dict.fromkeys(r["model"] for r in rows):
+            v = {r["context"]: r["ms_per_token"] for r in rows if r["model"] == m}
+            out.append(f"| {m} | " + " | ".join(f"{v[c]:.2f}" if c in v else "-" for c in ctxs) + " |")
+    return "\n".join(out)
+
+
 def main() -> int:
     sections = [("ssd_cpu.json", ssd_table), ("ssd_cuda.json", ssd_table), ("memory_cuda.json", memory_table),
                 ("decode_cpu.json", decode_table), ("decode_cuda.json", decode_table),
-                ("compare_cpu.json", compare_table), ("compare_cuda.json", compare_table)]
+                ("compare_cpu.json", compare_table), ("compare_cuda.json", compare_table),
+                ("train_step_cuda.json", train_step_table), ("decode_fast_cuda.json", decode_fast_table)]
     for name, render in sections:
         d = load(name)
         if d is None:
