@@ -1,5 +1,5 @@
-"""Decoding speed of the 115M Mamba-2 (eager and as a CUDA graph, chapter 10b) next to its parameter-matched
-Transformer++, side by side in one run, after prompts of 1K to 32K tokens.
+"""Decoding speed of the 115M Mamba-2 next to its parameter-matched Transformer++, each eager and as a CUDA graph
+(chapter 10b), side by side in one run, after prompts of 1K to 32K tokens.
 
     python benchmarks/decode_fast.py --device cuda            # bf16; batch 1 and 8; writes decode_fast_cuda.json
     python benchmarks/decode_fast.py --quick                  # CPU smoke run: tiny model, eager only
@@ -30,7 +30,7 @@ from train_step import CONFIG_115M, CONFIG_QUICK, sync  # noqa: E402
 
 
 def make_step(name, model, cache):
-    if name == "mamba2_graph":
+    if name.endswith("_graph"):
         from snakes_lib.graph_decode import GraphedStep
         return GraphedStep(model, cache)
     return lambda t: model.step(t, cache)
@@ -98,7 +98,7 @@ def main(argv=None):
     tcfg = matched_transformer_config(mcfg)
     torch.manual_seed(0)
     models = {"mamba2": Mamba2LM(mcfg).to(dev, dtype).eval(), "transformer": TransformerLM(tcfg).to(dev, dtype).eval()}
-    names = ["mamba2", "mamba2_graph", "transformer"] if cuda else ["mamba2", "transformer"]
+    names = ["mamba2", "mamba2_graph", "transformer", "transformer_graph"] if cuda else ["mamba2", "transformer"]
     contexts = args.contexts or ([64, 256] if args.quick else [1024, 4096, 16384, 32768])
     doc = dict(benchmark="decode_fast", command=" ".join(sys.argv), device=device_name(args.device),
                torch=torch.__version__, date=datetime.date.today().isoformat(), dtype=str(dtype).replace("torch.", ""),

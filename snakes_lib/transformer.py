@@ -75,11 +75,12 @@ class TransformerConfig:
         return json.dumps(self.to_dict(), indent=2)
 
 # %% ../notebooks/08_transformer.ipynb #e9d33dab
-def rotary_cos_sin(offset: int, seqlen: int, head_dim: int, theta: float = 10000.0, device=None, dtype=torch.float32):
-    "cos, sin: (seqlen, head_dim) for positions offset ... offset+seqlen-1 (float64 when dtype is float64, else float32)."
+def rotary_cos_sin(offset, seqlen: int, head_dim: int, theta: float = 10000.0, device=None, dtype=torch.float32):
+    """cos, sin: (seqlen, head_dim) for positions offset ... offset+seqlen-1 (float64 when dtype is float64, else
+    float32). offset: an int, or a 0-d tensor on `device` (a decoding step recorded in a CUDA graph)."""
     cd = torch.float64 if dtype == torch.float64 else torch.float32
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=cd) / head_dim)
-    pos = torch.arange(offset, offset + seqlen, device=device, dtype=cd)
+    pos = torch.arange(seqlen, device=device, dtype=cd) + offset
     freqs = pos[:, None] * inv_freq[None, :]  # (seqlen, head_dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -102,6 +103,14 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.seqlen_offset = 0
+        # the same count as a tensor on the cache's device: a preallocated cache's decoding step reads the position
+        # from here, so that the step has fixed shapes and no Python values (chapter 10b replays it as a CUDA graph)
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+
+    @property
+    def static(self) -> bool:
+        "True for a preallocated cache (max_seqlen given): its decoding steps attend over all positions, masked."
+        return self.max_seqlen is not None
 
     @property
     def batch_size(self) -> int:
@@ -143,6 +152,7 @@ class KVCache:
     def reset(self) -> "KVCache":
         "Start a new sequence without reallocating (old entries are overwritten before they are read)."
         self.seqlen_offset = 0
+        self.position.zero_()
         return self
 
     def __repr__(self):
@@ -181,6 +191,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (p(x).view(b, L, self.n_head, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         offset = 0 if cache is None else cache.seqlen_offset
+        if cache is not None and cache.static and L == 1 and offset > 0:
+            return self.o_proj(self._attend_static(q, k, v, cache).transpose(1, 2).reshape(b, L, -1))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
@@ -195,6 +207,20 @@ class CausalSelfAttention(nn.Module):
             kpos = torch.arange(offset + L, device=x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=kpos[None, :] <= qpos[:, None])
         return self.o_proj(y.transpose(1, 2).reshape(b, L, -1))
+
+    def _attend_static(self, q, k, v, cache: KVCache):
+        """One decoding step against the whole preallocated cache, positions after `cache.position` masked out: fixed
+        shapes and no Python values, so a CUDA graph can replay it. q, k, v: (batch, n_head, 1, head_dim)."""
+        if cache.seqlen_offset >= cache.capacity:
+            raise ValueError(f"the KV cache holds max_seqlen={cache.max_seqlen} positions and all are used: "
+                             "allocate it with a larger max_seqlen")
+        kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
+        kc.index_copy_(2, cache.position.view(1), k.to(kc.dtype))
+        vc.index_copy_(2, cache.position.view(1), v.to(vc.dtype))
+        cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+        scores = torch.matmul(q, kc.to(q.dtype).transpose(-1, -2)).to(cd) * self.head_dim ** -0.5
+        scores = scores.masked_fill(torch.arange(kc.shape[2], device=q.device) > cache.position, float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), vc.to(v.dtype))
 
 
 class SwiGLU(nn.Module):
@@ -266,6 +292,8 @@ class TransformerLM(nn.Module):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32) or input_ids.dim() != 2:
             raise TypeError(f"input_ids must be an int64 tensor (batch, seqlen), got {type(input_ids).__name__} "
                             f"{getattr(input_ids, 'dtype', '')} {tuple(getattr(input_ids, 'shape', ()))}")
+        if input_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            return                                       # no read-backs while a CUDA graph is recorded (chapter 10b)
         if input_ids.numel() and (int(input_ids.max()) >= self.config.padded_vocab_size or int(input_ids.min()) < 0):
             raise ValueError(f"token ids must lie in [0, {self.config.padded_vocab_size}); got min "
                              f"{int(input_ids.min())}, max {int(input_ids.max())} — wrong tokenizer for this model?")
@@ -276,6 +304,8 @@ class TransformerLM(nn.Module):
         x = self.backbone.embedding(input_ids)
         L = input_ids.shape[1]
         offset = 0 if cache is None else cache.seqlen_offset
+        if cache is not None and cache.static and L == 1 and offset > 0:
+            offset = cache.position                      # the static decoding step: no Python position in it
         cos, sin = rotary_cos_sin(offset, L, self.config.head_dim, self.config.rope_theta, x.device, x.dtype)
         for layer in self.backbone.layers:
             if self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled():
@@ -284,6 +314,7 @@ class TransformerLM(nn.Module):
                 x = layer(x, cos, sin, cache)
         if cache is not None:
             cache.seqlen_offset += L
+            cache.position += L
         return self.backbone.norm_f(x)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:

@@ -128,6 +128,8 @@ def test_graphed_step_refuses_cpu_and_growing_caches():
     tmodel = TransformerLM(TransformerConfig(d_model=32, n_layer=1, n_head=2, intermediate_size=64, vocab_size=50))
     with pytest.raises(TypeError, match="fixed-size"):
         GraphedStep(tmodel, tmodel.allocate_inference_cache(1))
+    with pytest.raises(ValueError, match="prefill"):
+        GraphedStep(tmodel, tmodel.allocate_inference_cache(1, max_seqlen=16))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -170,3 +172,26 @@ def test_rmsnorm_without_gate_matches_the_module(shape):
     out.backward(do.float())
     for a, b in [(out, out_ref), (xf.grad, x.grad), (wf.grad, ref.weight.grad)]:
         assert rel(a, b) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_transformer_step_decodes_what_the_eager_step_decodes():
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(d_model=64, n_layer=2, n_head=4, intermediate_size=128, vocab_size=300)).cuda().eval()
+    prompt = torch.randint(0, 300, (3, 41), device="cuda")
+    runs = {}
+    for name in ("eager", "graph"):
+        cache = model.allocate_inference_cache(3, max_seqlen=100)
+        with torch.no_grad():
+            tok = model(prompt, cache=cache)[:, -1].argmax(-1)
+            step = GraphedStep(model, cache) if name == "graph" else (lambda t: model.step(t, cache))
+            toks, logits = [], []
+            for _ in range(40):
+                out = step(tok)
+                logits.append(out.clone())
+                tok = out.argmax(-1)
+                toks.append(tok)
+        runs[name] = torch.stack(toks, 1), torch.stack(logits, 1), cache.seqlen_offset, int(cache.position)
+    assert torch.equal(runs["eager"][0], runs["graph"][0])
+    assert torch.allclose(runs["eager"][1], runs["graph"][1], atol=1e-5, rtol=1e-5)
+    assert runs["eager"][2:] == runs["graph"][2:] == (81, 81)

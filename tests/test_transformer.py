@@ -145,3 +145,27 @@ def test_matched_transformer_within_3_percent(d_model, n_layer, d_state, headdim
     assert abs(tf.num_parameters(exclude_embedding=True) - target) / target < 0.03
     assert tf.num_parameters() - tf.num_parameters(exclude_embedding=True) == \
         mamba.num_parameters() - mamba.num_parameters(exclude_embedding=True)  # same embedding
+
+
+def test_preallocated_cache_decodes_with_the_static_step_exactly_like_the_growing_cache():
+    "Chapter 10b: a max_seqlen cache attends over all positions, masked after cache.position (fixed shapes)."
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(d_model=64, n_layer=2, n_head=4, intermediate_size=128, vocab_size=100)).eval()
+    prompt = torch.randint(0, 100, (2, 9))
+    runs = {}
+    for max_seqlen in (None, 31):
+        cache = model.allocate_inference_cache(2, max_seqlen=max_seqlen)
+        with torch.no_grad():
+            tok = model(prompt, cache=cache)[:, -1].argmax(-1)
+            toks, logits = [], []
+            for _ in range(22):
+                out = model.step(tok, cache)
+                logits.append(out)
+                tok = out.argmax(-1)
+                toks.append(tok)
+        assert int(cache.position) == cache.seqlen_offset == 9 + 22
+        runs[max_seqlen] = torch.stack(toks, 1), torch.stack(logits, 1)
+    assert torch.equal(runs[None][0], runs[31][0])
+    assert torch.allclose(runs[None][1], runs[31][1], atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), pytest.raises(ValueError, match="max_seqlen=31"):
+        model.step(tok, cache)                           # position 31 of a 31-position cache
