@@ -33,21 +33,12 @@ def setup_device(parser, args) -> bool:
 
 
 def write_json_atomic(path, doc: dict) -> None:
-    "Write `doc` as JSON to `path` through a temporary file in the same folder and os.replace (no half-written file)."
+    "Write `doc` as JSON to `path` atomically, with snakes' one atomic writer (no half-written file)."
     import json
-    import tempfile
+    from snakes_lib.utils import atomic_write_text
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(doc, indent=1, default=str) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(doc, indent=1, default=str) + "\n")
 
 
 def read_json(path) -> dict | None:

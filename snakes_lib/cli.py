@@ -1,15 +1,13 @@
 """The `snakes` command line (also `python -m snakes_lib`): train, generate, data generate, bench, demo.
 
 Hand-written (not exported from a notebook). Subcommands owned by other modules register themselves through
-`add_*_command(subparsers)` and are imported lazily, so a missing optional piece only disables its subcommand."""
+`add_*_command(subparsers)`; the heavy modules (torch, the trainer) are imported only when a command runs."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 DEMO_PROMPT = "Once upon a time, there lived a baby girl named Maia."
@@ -78,7 +76,8 @@ def _err(msg: str) -> int:
 
 
 def cmd_train(args) -> int:
-    from snakes_lib.train import train, RunDirError, NonFiniteLossError
+    from snakes_lib.runfolder import RunDirError
+    from snakes_lib.train import NonFiniteLossError, train
     try:
         cfg = config_from_args(args)
     except ValueError as e:
@@ -112,33 +111,16 @@ def _print_result(res) -> None:
 
 
 def _sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
-    try:
-        from snakes_lib.generate import generate
-    except ImportError:
-        generate = None
-    if generate is not None:
-        return generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95,
-                        seed=seed)
-    import torch                                     # fallback: plain sampling, recomputing the prefix each time
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.tensor([tokenizer.encode(prompt)])
-    new = []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            probs = torch.softmax(model(ids)[0, -1].float() / 0.8, -1)
-            nxt = int(torch.multinomial(probs, 1, generator=g))
-            if nxt == tokenizer.eos_id:
-                break
-            new.append(nxt)
-            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
-    return tokenizer.decode(new)
+    from snakes_lib.generate import generate
+    return generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95, seed=seed)
 
 
 def cmd_demo(args) -> int:
     """Train the tiny model on the bundled corpus on the CPU, then continue the story of Maia."""
     from snakes_lib.presets import resolve_preset
-    from snakes_lib.train import train, load_run, find_checkpoint, RunDirError
-    from snakes_lib.runfolder import check_out, is_snakes_run, remove_run
+    from snakes_lib.runfolder import RunDirError, check_out, is_snakes_run, remove_run
+    from snakes_lib.runs import find_checkpoint, load_run
+    from snakes_lib.train import train
     try:
         out = check_out(args.out)
         if args.fresh:                       # deletes a snakes run's own files, never a folder snakes did not make
@@ -177,33 +159,10 @@ DEMO_OVERRIDES = dict(model_size="tiny", batch_size=16, seq_len=256, eval_every=
 
 
 def cmd_bench(args) -> int:
-    root = Path(__file__).resolve().parent.parent / "benchmarks" / "memory.py"
+    from snakes_lib.bench import memory_main
     if args.what != "memory":
         return _err(f"unknown benchmark {args.what!r}; available: memory")
-    if not root.exists():
-        return _err(f"{root} not found: `snakes bench` runs the benchmarks of a source checkout")
-    import runpy
-    argv = [str(root)] + (["--device", args.device] if args.device else []) + (["--quick"] if args.quick else [])
-    old = sys.argv
-    sys.argv = argv
-    try:
-        runpy.run_path(str(root), run_name="__main__")
-    except SystemExit as e:
-        return int(e.code or 0)
-    finally:
-        sys.argv = old
-    return 0
-
-
-def _optional(module: str, func: str, subparsers, name: str, what: str) -> None:
-    """Register a subcommand from another module; if that module is missing, a stub that says so."""
-    try:
-        getattr(importlib.import_module(module), func)(subparsers)
-    except (ImportError, AttributeError) as e:
-        msg = f"`snakes {name}` is unavailable: {module}.{func} could not be loaded ({e})"
-        p = subparsers.add_parser(name, help=f"{what} (unavailable)", add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=lambda args, _m=msg: _err(_m))
+    return memory_main((["--device", args.device] if args.device else []) + (["--quick"] if args.quick else []))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,9 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
-    _optional("snakes_lib.generate", "add_generate_command", sub, "generate", "continue a prompt with a trained model")
-
-    _optional("snakes_lib.datagen", "add_data_command", sub, "data", "`data generate`: training text with Ollama")
+    from snakes_lib.datagen import add_data_command            # the modules that own these subcommands add them
+    from snakes_lib.generate import add_generate_command
+    add_generate_command(sub)
+    add_data_command(sub)
 
     p = sub.add_parser("bench", help="benchmarks (memory: peak GPU memory of every preset)")
     p.add_argument("what", nargs="?", default="memory", choices=["memory"])

@@ -16,8 +16,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .transformer import (TransformerConfig, TransformerLM, mamba2_num_parameters,
-                                    matched_transformer_config, transformer_num_parameters)
+from tqdm.auto import tqdm
+
+from .corpus import bundled_corpus_dir
+from .data import train_tokenizer_for
+from .generate import generate
+from .model import Mamba2Config, Mamba2LM, build_model as _build_model, mamba2_num_parameters
+from .presets import MODEL_SIZES, TrainConfig
+from .runfolder import claim_run_dir, remove_run
+from .runs import load_run, read_metrics
+from .train import train
+from .transformer import (TransformerConfig, TransformerLM, matched_transformer_config,
+                                    transformer_num_parameters)
 
 # %% auto #0
 __all__ = ['MAIA_STORY', 'MAIA_PROMPT', 'IGNORE_INDEX', 'model_type', 'build_model', 'parameter_report', 'matched_pair',
@@ -34,13 +44,8 @@ def model_type(config) -> str:
 
 
 def build_model(config, device=None, dtype=None):
-    "A fresh Mamba2LM or TransformerLM for `config`."
-    if model_type(config) == "transformer":
-        model = TransformerLM(config)
-    else:
-        from snakes_lib.model import Mamba2LM
-        model = Mamba2LM(config)
-    return model.to(device=device, dtype=dtype)
+    "A fresh Mamba2LM or TransformerLM for a config object (its `model_type` picks), on `device` in `dtype`."
+    return _build_model(model_type(config), config).to(device=device, dtype=dtype)
 
 
 def parameter_report(model) -> dict:
@@ -78,9 +83,7 @@ MAIA_PROMPT = "Maia gets ready for her next adventure. She finds a toy boat and"
 def lm_configs(model_size: str = "tiny", vocab_size: int = 2048, **mamba_overrides) -> dict:
     "{'mamba2': Mamba2Config of a trainer size, 'transformer': its parameter-matched TransformerConfig}."
     import dataclasses
-    from snakes_lib.model import Mamba2Config
-    from snakes_lib.presets import MODEL_SIZES
-    size = {k: v for k, v in dataclasses.asdict(MODEL_SIZES[model_size]).items() if k != "target"}
+    size = dataclasses.asdict(MODEL_SIZES[model_size])
     mc = Mamba2Config(**{**size, "vocab_size": vocab_size, **mamba_overrides})
     return {"mamba2": mc, "transformer": matched_transformer_config(mc)}
 
@@ -95,13 +98,9 @@ def lm_experiment(out_dir, model_size: str = "tiny", vocab_size: int = 2048, lrs
     Returns {'settings', 'parameters': {model: report}, 'runs': [{model, lr, tokens, val_loss (lists), best_val_loss,
     final_val_loss, seconds, run_dir}], 'best': {model: {lr, best_val_loss, run_dir}}, 'tokenizer_fingerprint'}."""
     import shutil
-    from snakes_lib.data import bundled_corpus_dir, train_tokenizer_for
-    from snakes_lib.presets import TrainConfig
-    from snakes_lib.train import read_metrics, train
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [str(p) for p in (data or [bundled_corpus_dir()])]
-    from snakes_lib.runfolder import claim_run_dir, remove_run
     tok_path = out_dir / "tokenizer.json"
     tokenizer = train_tokenizer_for(paths, vocab_size=vocab_size)
     tokenizer.save(tok_path)
@@ -144,8 +143,6 @@ def continue_story(run_dirs: dict, prompt: str = MAIA_PROMPT, story: str = MAIA_
                    temperature: float = 0.7, top_p: float = 0.9, repetition_penalty: float = 1.1, seed: int = 0,
                    device: str = "cpu") -> dict:
     "Each trained model (a run folder) continues story + prompt; returns {name: {'text', 'prompt_tokens', 'tokens_per_s'}}."
-    from snakes_lib.generate import generate
-    from snakes_lib.train import load_run
     out = {}
     for name, run_dir in run_dirs.items():
         model, tok = load_run(run_dir, device=device)
@@ -192,7 +189,6 @@ def train_step_benchmark(configs: dict, seq_lens=(128, 256, 512, 1024, 2048, 409
     configs: {name: Mamba2Config | TransformerConfig}. amp_dtype: e.g. torch.bfloat16 for autocast (GPU).
     Returns rows {model, seq_len, batch_size, ms_per_step, tokens_per_s, activation_bytes, peak_memory_bytes
     (CUDA only, else None), oom}. A model that runs out of memory is skipped at longer lengths."""
-    from tqdm.auto import tqdm
     dev = torch.device(device)
     rows, dead = [], set()
     for L in tqdm(seq_lens, desc="train step", disable=not progress):
@@ -315,7 +311,6 @@ def decode_benchmark(configs: dict, context_lens=(128, 256, 512, 1024, 2048, 409
     For each context length L: prefill L random tokens (in chunks of prefill_chunk), run `warmup` steps, then time
     `new_tokens` steps. Returns rows {model, context_len, ms_per_token, cache_bytes (measured after the prefill),
     analytic_cache_bytes, prefill_ms, peak_memory_bytes (CUDA only), oom}."""
-    from tqdm.auto import tqdm
     dev = torch.device(device)
     rows, dead, models = [], set(), {}
     for name, cfg in configs.items():
@@ -458,7 +453,6 @@ def train_mqar(config, steps: int = 300, batch_size: int = 64, lr: float = 3e-3,
 def mqar_configs(d_models=(16, 32, 64), d_states=(4, 16, 64), n_layer: int = 2, vocab_size: int = 64,
                  headdim: int = 16) -> list:
     "The MQAR grid: Mamba-2 at every (d_model, d_state), a Transformer++ at every d_model (same depth)."
-    from snakes_lib.model import Mamba2Config
     out = []
     for d in d_models:
         for n in d_states:
@@ -473,7 +467,6 @@ def mqar_experiment(d_models=(16, 32, 64), d_states=(4, 16, 64), lrs=(3e-3,), n_
                     batch_size: int = 64, seed: int = 0, device="cpu", progress: bool = True) -> dict:
     """Accuracy vs width and state size for both models; for each config the best of `lrs` is kept.
     Returns {'settings': {...}, 'runs': [train_mqar rows, best lr per config]}."""
-    from tqdm.auto import tqdm
     configs = mqar_configs(d_models, d_states, n_layer, vocab_size)
     runs = []
     for cfg in tqdm(configs, desc="MQAR", disable=not progress):

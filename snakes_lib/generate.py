@@ -16,10 +16,16 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .model import load_model
+from .runfolder import CHECKPOINTS, CONFIG_FILE, EXPORT_INFO, WEIGHTS_FILE, RunDirError
+from .runs import load_run
+from .tokenizer import TOKENIZER_FILE, SnakesTokenizer
+from .utils import pick_device
+
 # %% auto #0
 __all__ = ['CacheInterfaceError', 'check_cache_interface', 'apply_repetition_penalty', 'top_k_filter', 'top_p_filter',
-           'process_logits', 'next_token_probs', 'sample_next_token', 'StreamDecoder', 'StopFilter', 'RunDirError',
-           'check_run_dir', 'load_for_generation', 'Generation', 'GenerationStream', 'generate_stream', 'generate',
+           'process_logits', 'next_token_probs', 'sample_next_token', 'StreamDecoder', 'StopFilter', 'check_run_dir',
+           'load_for_generation', 'Generation', 'GenerationStream', 'generate_stream', 'generate',
            'add_generate_command', 'run_generate_command']
 
 # %% ../notebooks/07_generate.ipynb #71665977
@@ -177,13 +183,9 @@ class StopFilter:
         return "" if self.stopped else held
 
 # %% ../notebooks/07_generate.ipynb #179559a6
-class RunDirError(FileNotFoundError):
-    "A run directory is missing or lacks a file that generation needs; the message says which and how to make it."
-
-
 def _has_checkpoint(run: Path) -> bool:
-    ckpts = run / "checkpoints"
-    return ckpts.is_dir() and any((c / "model.safetensors").is_file() for c in ckpts.iterdir()
+    ckpts = run / CHECKPOINTS
+    return ckpts.is_dir() and any((c / WEIGHTS_FILE).is_file() for c in ckpts.iterdir()
                                    if c.is_dir() and not c.name.startswith("."))
 
 
@@ -199,15 +201,15 @@ def check_run_dir(run_dir: str | Path) -> Path:
                           "directory to --run.")
     if not run.is_dir():
         raise RunDirError(f"--run expects a run directory (the --out of `snakes train`), but {run} is a file.")
-    if not (run / "tokenizer.json").is_file():
+    if not (run / TOKENIZER_FILE).is_file():
         raise RunDirError(f"{run} is not a complete run directory: missing tokenizer.json (the tokenizer, written "
                           f"when `snakes train` starts a run). If {run} is not a training run, point --run at one; "
                           f"otherwise create it with `{train_cmd}`.")
-    exported = [n for n in ("config.json", "model.safetensors") if not (run / n).is_file()]
+    exported = [n for n in (CONFIG_FILE, WEIGHTS_FILE) if not (run / n).is_file()]
     if exported and not _has_checkpoint(run):
-        what = " and ".join(f"{n} ({'the model configuration' if n == 'config.json' else 'the trained weights'})"
+        what = " and ".join(f"{n} ({'the model configuration' if n == CONFIG_FILE else 'the trained weights'})"
                             for n in exported)
-        raise RunDirError(f"{run} has no trained model yet: missing {what}, and no checkpoint in {run / 'checkpoints'}. "
+        raise RunDirError(f"{run} has no trained model yet: missing {what}, and no checkpoint in {run / CHECKPOINTS}. "
                           f"`snakes train` writes a checkpoint every --checkpoint-every steps and the model when it "
                           f"ends: if the run is still going, wait; if it stopped early, continue it with "
                           f"`snakes train --out {run} --resume`.")
@@ -220,19 +222,11 @@ def load_for_generation(run_dir: str | Path, device: str | torch.device = "cpu")
     `tokenizer.save` works too."""
     run = check_run_dir(run_dir)
     try:
-        from snakes_lib.train import load_run, RunDirError as TrainRunDirError
-    except ImportError:                                                # without the trainer: a bare exported model
-        from snakes_lib.model import load_model
-        from snakes_lib.tokenizer import SnakesTokenizer
-        return load_model(run).to(device).eval(), SnakesTokenizer.load(run)
-    try:
         model, tokenizer = load_run(run, device=str(device))
-    except TrainRunDirError as e:
-        if (run / "export.json").exists() or not (run / "model.safetensors").is_file():
-            raise RunDirError(str(e)) from None
+    except RunDirError:
+        if (run / EXPORT_INFO).exists() or not (run / WEIGHTS_FILE).is_file():
+            raise
         # a bare model folder (save_pretrained + tokenizer.save), not written by the trainer
-        from snakes_lib.model import load_model
-        from snakes_lib.tokenizer import SnakesTokenizer
         model, tokenizer = load_model(run), SnakesTokenizer.load(run)
     return model.to(device).eval(), tokenizer
 
@@ -419,19 +413,8 @@ def generate(model, tokenizer, prompt: str | Sequence[str], max_new_tokens: int 
 
 # %% ../notebooks/07_generate.ipynb #37fb05bf
 def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name!r} is not a device torch knows ({e}); use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was asked for, but this PyTorch build sees no CUDA GPU; use --device cpu")
-    return dev
+    "`--device` as a torch.device: `snakes_lib.utils.pick_device` resolves auto and refuses unknown or absent devices."
+    return torch.device(pick_device(name))
 
 # %% ../notebooks/07_generate.ipynb #d8c89964
 def add_generate_command(subparsers) -> argparse.ArgumentParser:

@@ -7,10 +7,9 @@ Docs: https://github.com/snakes-course/snakes/model.html.md"""
 # %% ../notebooks/05_model.ipynb #e4a29caf
 from __future__ import annotations
 
+import importlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -21,10 +20,12 @@ import torch.utils.checkpoint
 
 from .hippo import INIT_A_METHODS, init_A_log, init_dt_bias
 from .ssd import ssd_chunked, ssd_step
+from .utils import atomic_write, atomic_write_text
 
 # %% auto #0
-__all__ = ['Mamba2Config', 'RMSNorm', 'GatedRMSNorm', 'Mamba2Mixer', 'Mamba2Block', 'Mamba2Backbone', 'Mamba2Cache', 'Mamba2LM',
-           'hf_to_snakes_state_dict', 'snakes_to_hf_state_dict', 'load_mamba2', 'save_mamba2', 'load_model']
+__all__ = ['MODEL_TYPES', 'Mamba2Config', 'RMSNorm', 'GatedRMSNorm', 'Mamba2Mixer', 'Mamba2Block', 'Mamba2Backbone',
+           'Mamba2Cache', 'Mamba2LM', 'mamba2_num_parameters', 'hf_to_snakes_state_dict', 'snakes_to_hf_state_dict',
+           'load_mamba2', 'save_mamba2', 'register_model', 'model_class', 'build_model', 'load_model']
 
 # %% ../notebooks/05_model.ipynb #6a5bb35b
 _MIXER_FIELDS = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size",
@@ -396,6 +397,8 @@ class Mamba2LM(nn.Module):
     Parameter names follow the official checkpoints (backbone.embedding, backbone.layers.{i}.{norm,mixer.*},
     backbone.norm_f, lm_head). The embedding and lm_head have `padded_vocab_size` rows; logits are cut to
     `vocab_size`."""
+    config_class = Mamba2Config         # what build_model makes from a config dict
+
     def __init__(self, config: Mamba2Config):
         super().__init__()
         if isinstance(config, dict):
@@ -539,6 +542,25 @@ class Mamba2LM(nn.Module):
         "Load an official, snakes or transformers Mamba-2 folder (config.json + model.safetensors or pytorch_model.bin)."
         return load_mamba2(directory, dtype=dtype, device=device)
 
+# %% ../notebooks/05_model.ipynb #3714b272
+def mamba2_num_parameters(config, exclude_embedding: bool = True) -> int:
+    """Parameters of a Mamba-2 LM in the official layout, from its config alone (no model built).
+    Reads d_model, n_layer, expand, headdim, d_state, ngroups, d_conv, vocab_size, pad_vocab_size_multiple, tie_embeddings."""
+    g = lambda k, d=None: getattr(config, k, d) if not isinstance(config, dict) else config.get(k, d)
+    d, n_layer = g("d_model"), g("n_layer")
+    expand, headdim, N, G, K = g("expand", 2), g("headdim", 64), g("d_state", 128), g("ngroups", 1), g("d_conv", 4)
+    d_inner = expand * d
+    H = d_inner // headdim
+    conv_dim = d_inner + 2 * G * N
+    norm = d if g("rms_norm", True) else 2 * d  # LayerNorm has a bias
+    per_layer = d * (2 * d_inner + 2 * G * N + H) + conv_dim * (K + 1) + 3 * H + d_inner + d_inner * d + norm
+    n = n_layer * per_layer + norm
+    if not exclude_embedding:
+        m = g("pad_vocab_size_multiple", 16) or 1
+        vocab = m * math.ceil(g("vocab_size") / m)
+        n += vocab * d * (1 if g("tie_embeddings", True) else 2)
+    return n
+
 # %% ../notebooks/05_model.ipynb #c3398a51
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -617,26 +639,47 @@ def save_mamba2(model: Mamba2LM, directory) -> None:
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight", None)
-    for name, write in (("model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"})),
-                        ("config.json", lambda p: Path(p).write_text(json.dumps(model.config.to_official_dict(), indent=2)))):
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, directory / name)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    atomic_write(directory / "model.safetensors", lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
+    atomic_write_text(directory / "config.json", json.dumps(model.config.to_official_dict(), indent=2))
+
+# %% ../notebooks/05_model.ipynb #7a36fdd6
+# Model types by config.json's `model_type`. A "module:Class" string is imported when first used, so this chapter can
+# name the Transformer that chapter 08 builds without importing a later chapter; `register_model` adds more.
+MODEL_TYPES: dict = {"mamba2": Mamba2LM, "transformer": "snakes_lib.transformer:TransformerLM"}
+
+
+def register_model(model_type: str, model_class) -> None:
+    """Make `model_type` buildable and loadable. `model_class` (a class or a "module:Class" string) has a
+    `config_class` dataclass, `model_class(config)` builds one, `model_class.from_pretrained(directory)` loads one."""
+    MODEL_TYPES[model_type] = model_class
+
+
+def model_class(model_type: str) -> type:
+    "The class registered for `model_type`; ValueError naming the known types."
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type {model_type!r}; known: {', '.join(MODEL_TYPES)} "
+                         "(register more with snakes_lib.model.register_model)")
+    cls = MODEL_TYPES[model_type]
+    if isinstance(cls, str):
+        module, name = cls.split(":")
+        cls = MODEL_TYPES[model_type] = getattr(importlib.import_module(module), name)
+    return cls
+
+
+def build_model(model_type: str, config) -> nn.Module:
+    """A fresh model of `model_type` from its config object, or from a dict (keys its config lacks are ignored)."""
+    cls = model_class(model_type)
+    if isinstance(config, dict):
+        names = {f.name for f in fields(cls.config_class)}
+        config = cls.config_class(**{k: v for k, v in config.items() if k in names})
+    return cls(config)
 
 
 def load_model(directory, dtype=None, device=None):
-    """Load any snakes language model folder, dispatching on config.json's `model_type`
-    ("mamba2" -> Mamba2LM, "transformer" -> snakes_lib.transformer)."""
+    """Load any snakes language model folder: config.json's `model_type` ("mamba2" if absent) picks the class."""
     directory = Path(directory)
     model_type = _read_config(directory).get("model_type", "mamba2")
-    if model_type == "mamba2":
-        return Mamba2LM.from_pretrained(directory, dtype=dtype, device=device)
-    if model_type == "transformer":
-        from snakes_lib.transformer import TransformerLM      # lazy: chapter 08 builds on this one
-        return TransformerLM.from_pretrained(directory, dtype=dtype, device=device)
-    raise ValueError(f"{directory / 'config.json'} has model_type={model_type!r}; known: 'mamba2', 'transformer'")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{directory / 'config.json'} has model_type={model_type!r}; known: "
+                         f"{', '.join(map(repr, MODEL_TYPES))}")
+    return model_class(model_type).from_pretrained(directory, dtype=dtype, device=device)

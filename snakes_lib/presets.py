@@ -8,15 +8,17 @@ Docs: https://github.com/snakes-course/snakes/presets.html.md"""
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field, asdict, fields
 from typing import Any, Optional
 
 import torch
 
+from .model import mamba2_num_parameters
+from .utils import pick_device
+
 # %% auto #0
-__all__ = ['REFERENCE_VOCAB', 'MODEL_SIZES', 'SIZE_TARGETS', 'VRAM_PRESETS', 'PRESET_NAMES', 'ModelSize', 'count_parameters',
-           'TrainConfig', 'VramPreset', 'detect_device', 'device_memory_gb', 'pick_preset', 'resolve_precision',
+__all__ = ['REFERENCE_VOCAB', 'MODEL_SIZES', 'SIZE_TARGETS', 'VRAM_PRESETS', 'PRESET_NAMES', 'detect_device', 'ModelSize',
+           'count_parameters', 'TrainConfig', 'VramPreset', 'device_memory_gb', 'pick_preset', 'resolve_precision',
            'resolve_preset', 'estimate_memory']
 
 # %% ../notebooks/06_presets.ipynb #b5e0310f
@@ -31,20 +33,20 @@ class ModelSize:
     ngroups: int = 1
     d_conv: int = 4
     chunk_size: int = 256
-    target: str = ""          # the parameter count the size is meant to hit, for the tests and the docs
 
 # Sizes, nanoGPT-style: one line each. Parameter counts are at REFERENCE_VOCAB (tied embeddings),
 # except ys-71m, which is the original project's published configuration at its vocabulary of 28,590.
 REFERENCE_VOCAB = 32_768
 MODEL_SIZES: dict[str, ModelSize] = {
     # trains on a 2-core laptop CPU in minutes; the course's default
-    "tiny":   ModelSize(d_model=128, n_layer=3, d_state=32, headdim=32, chunk_size=32, target="~0.6M at vocab 2048"),
-    "small":  ModelSize(d_model=768, n_layer=8, target="~50M"),
-    "medium": ModelSize(d_model=1024, n_layer=18, target="~150M"),
-    "large":  ModelSize(d_model=1536, n_layer=24, target="~400M"),
+    "tiny":   ModelSize(d_model=128, n_layer=3, d_state=32, headdim=32, chunk_size=32),   # ~0.6M at vocab 2048
+    "small":  ModelSize(d_model=768, n_layer=8),
+    "medium": ModelSize(d_model=1024, n_layer=18),
+    "large":  ModelSize(d_model=1536, n_layer=24),
     # YS-71M: the original "Why snakes" model, 71,314,606 parameters at vocab 28,590 (batch 64, length 128)
-    "ys-71m": ModelSize(d_model=768, n_layer=13, chunk_size=64, target="~71M at vocab 28590"),
+    "ys-71m": ModelSize(d_model=768, n_layer=13, chunk_size=64),
 }
+# the parameter count each size is meant to hit (at REFERENCE_VOCAB; ys-71m at 28,590), for the tests and the docs
 SIZE_TARGETS = {"small": 50e6, "medium": 150e6, "large": 400e6, "ys-71m": 71.3e6}
 
 # %% ../notebooks/06_presets.ipynb #35c29c11
@@ -54,20 +56,12 @@ def _pad_vocab(vocab_size: int, multiple: int) -> int:
 
 def count_parameters(size: ModelSize | str, vocab_size: int = REFERENCE_VOCAB, tie_embeddings: bool = True,
                      pad_vocab_size_multiple: int = 16) -> int:
-    """Parameters of a Mamba-2 LM of `size`, counted on paper (no model is built).
-
-    Per block: in_proj d_model -> (z, x, B, C, dt), depthwise conv over (x, B, C) with bias, dt_bias/A_log/D per head,
-    the gated norm's weight, out_proj, and the block's RMSNorm. Plus the embedding, the final norm and an untied head."""
+    """Parameters of a Mamba-2 LM of `size` with a `vocab_size` tokenizer, counted on paper (no model is built) by
+    chapter 05's `mamba2_num_parameters`: per block in_proj, the conv, dt_bias/A_log/D, the gated norm, out_proj and
+    the block's norm; plus the embedding, the final norm and an untied head."""
     s = MODEL_SIZES[size] if isinstance(size, str) else size
-    d_inner = s.expand * s.d_model
-    nheads = d_inner // s.headdim
-    conv_dim = d_inner + 2 * s.ngroups * s.d_state
-    in_proj = s.d_model * (2 * d_inner + 2 * s.ngroups * s.d_state + nheads)
-    conv = conv_dim * s.d_conv + conv_dim
-    block = in_proj + conv + 3 * nheads + d_inner + d_inner * s.d_model + s.d_model
-    vocab = _pad_vocab(vocab_size, pad_vocab_size_multiple)
-    embed = vocab * s.d_model * (1 if tie_embeddings else 2)
-    return embed + s.n_layer * block + s.d_model
+    return mamba2_num_parameters({**dataclasses.asdict(s), "vocab_size": vocab_size, "tie_embeddings": tie_embeddings,
+                                  "pad_vocab_size_multiple": pad_vocab_size_multiple}, exclude_embedding=False)
 
 # %% ../notebooks/06_presets.ipynb #b2eb8eb5
 @dataclass
@@ -175,16 +169,7 @@ VRAM_PRESETS: dict[str, VramPreset] = {
 PRESET_NAMES = list(VRAM_PRESETS) + ["auto"]
 
 # %% ../notebooks/06_presets.ipynb #40745f66
-def detect_device(device: str = "auto") -> str:
-    """"auto" -> cuda if available, then mps, then cpu; anything else is returned as given."""
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return "mps"
-    return "cpu"
+detect_device = pick_device   # the one device picker lives in snakes_lib.utils; this name is kept for old imports
 
 
 def device_memory_gb(device: str) -> Optional[float]:
@@ -222,7 +207,7 @@ def resolve_preset(name: str = "auto", **overrides: Any) -> TrainConfig:
     "auto" reads the GPU's memory (or picks "cpu" without one). `None` overrides are ignored, so a CLI or papermill
     can pass every flag."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    device = detect_device(overrides.get("device", "auto"))
+    device = pick_device(overrides.get("device", "auto"))
     if name == "auto":
         name = pick_preset(device_memory_gb(device)) if device.startswith("cuda") else "cpu"
     if name not in VRAM_PRESETS:

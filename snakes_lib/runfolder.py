@@ -18,22 +18,36 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
+from .tokenizer import TOKENIZER_FILE
+
+# The names of everything snakes writes at the top of a run folder: spelled here once, used by every module.
 RUN_MARKER = "snakes_run.json"    # written first, into a new or empty folder: "this folder is a snakes run"
 LOCK_FILE = ".snakes.lock"        # {pid, host, started, command}: one writer at a time
-# what snakes writes at the top of a run folder: `remove_run` deletes these (and debris), nothing else
-RUN_FILES = (RUN_MARKER, "train_config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "config.json",
-             "model.safetensors", "export.json", "checkpoints")
+TRAIN_CONFIG = "train_config.json"  # the run's TrainConfig
+METRICS_FILE = "metrics.jsonl"    # one JSON object per line: step, train_loss or val_loss, ...
+LOSS_PLOT = "loss.png"
+CONFIG_FILE = "config.json"       # the exported model: its config ...
+WEIGHTS_FILE = "model.safetensors"  # ... its weights ...
+EXPORT_INFO = "export.json"       # ... and their sizes and sha256 sums
+CHECKPOINTS = "checkpoints"       # checkpoints/step_0000100/, checkpoints/latest
+# `remove_run` deletes these (and debris), nothing else
+RUN_FILES = (RUN_MARKER, TRAIN_CONFIG, TOKENIZER_FILE, METRICS_FILE, LOSS_PLOT, CONFIG_FILE, WEIGHTS_FILE, EXPORT_INFO,
+             CHECKPOINTS)
 _IGNORED = {".DS_Store", "Thumbs.db", LOCK_FILE}   # a folder holding only these counts as empty
 
 # %% auto #0
-__all__ = ['RUN_MARKER', 'LOCK_FILE', 'RUN_FILES', 'RunDirError', 'RunLockedError', 'DiskWriteError', 'RunInterrupted',
-           'atomic_write_bytes', 'atomic_write_json', 'check_out', 'read_marker', 'is_snakes_run', 'foreign_entries',
-           'check_writable_run', 'claim_run_dir', 'pid_alive', 'RunLock', 'clean_debris', 'remove_run', 'disk_error',
-           'RunFolder']
+__all__ = ['RUN_MARKER', 'LOCK_FILE', 'TRAIN_CONFIG', 'METRICS_FILE', 'LOSS_PLOT', 'CONFIG_FILE', 'WEIGHTS_FILE', 'EXPORT_INFO',
+           'CHECKPOINTS', 'RUN_FILES', 'RunDirError', 'RunLockedError', 'DiskWriteError', 'RunInterrupted', 'check_out',
+           'read_marker', 'is_snakes_run', 'foreign_entries', 'check_writable_run', 'claim_run_dir', 'pid_alive',
+           'RunLock', 'clean_debris', 'remove_run', 'disk_error', 'RunFolder']
 
 # %% ../notebooks/06_runfolder.ipynb #d5d0e270
+# the atomic writers live in snakes_lib.utils (chapter 00); imported here, where run-folder code has always found them
+from .utils import atomic_write_bytes, atomic_write_json
+
+
 class RunDirError(RuntimeError):
     """A run folder is missing, incomplete, corrupt or not snakes' own; the message says which path and what to do."""
 
@@ -45,41 +59,6 @@ class DiskWriteError(RunDirError):
 
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped a command; str(e) says what was saved and how to continue (the CLI prints it and exits 130)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:          # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never half of one:
-    a temp file in the same folder, flush + fsync, then os.replace. On any failure the temp file is removed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 # %% ../notebooks/06_runfolder.ipynb #65658ff3
 def _now() -> str:
@@ -111,11 +90,11 @@ def read_marker(run_dir) -> Optional[dict]:
 def _is_legacy_run(p: Path) -> bool:
     """A run written before the marker: train_config.json of a TrainConfig plus a tokenizer or checkpoints."""
     try:
-        cfg = json.loads((p / "train_config.json").read_text())
+        cfg = json.loads((p / TRAIN_CONFIG).read_text())
     except (OSError, ValueError):
         return False
     return (isinstance(cfg, dict) and {"model_size", "seq_len", "max_steps"} <= set(cfg)
-            and ((p / "tokenizer.json").is_file() or (p / "checkpoints").is_dir()))
+            and ((p / TOKENIZER_FILE).is_file() or (p / CHECKPOINTS).is_dir()))
 
 
 def is_snakes_run(run_dir) -> bool:
@@ -256,7 +235,7 @@ def clean_debris(run_dir) -> list[str]:
     """Remove what interrupted writes of this run left: snakes' own temp names only (call with the lock held).
     Returns the removed paths, relative to the run folder."""
     p, removed = Path(run_dir), []
-    for folder, rx in ((p, _DEBRIS), (p / "checkpoints", _CKPT_DEBRIS)):
+    for folder, rx in ((p, _DEBRIS), (p / CHECKPOINTS, _CKPT_DEBRIS)):
         if not folder.is_dir():
             continue
         for e in sorted(folder.iterdir()):

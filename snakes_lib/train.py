@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
-import os
 import random
-import shutil
 import signal
 import time
 import warnings
@@ -28,18 +25,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 from safetensors.torch import save_file as _st_save, load_file as _st_load
-from safetensors.torch import save_model as _st_save_model, load_model as _st_load_model
+from safetensors.torch import load_model as _st_load_model
+from tqdm.auto import tqdm
 
-from .presets import (MODEL_SIZES, TrainConfig, detect_device, resolve_precision, resolve_preset)
-from .runfolder import (RunDirError, RunFolder, RunInterrupted, _fsync_dir, atomic_write_bytes, atomic_write_json,
-                               disk_error)
+from .corpus import bundled_corpus_dir
+from .data import EmptyDataError, prepare_data, random_batch, sequential_batches, train_tokenizer_for
+from .model import build_model, register_model   # the registry of model types; re-exported here
+from .presets import MODEL_SIZES, TrainConfig, resolve_precision, resolve_preset
+from .runfolder import (METRICS_FILE, TRAIN_CONFIG, WEIGHTS_FILE, RunDirError, RunFolder, RunInterrupted,
+                                  disk_error)
+from .runs import (CHECKPOINTS, MANIFEST, CheckpointCorruptError, export_model, find_checkpoint,
+                             list_checkpoints, load_run, plot_metrics, read_metrics, save_model_dir, verify_checkpoint,
+                             write_checkpoint)   # the run-folder API: its home is snakes_lib.runs, these names stay here too
+from .tokenizer import TOKENIZER_FILE, SnakesTokenizer, check_tokenizer_fingerprint
+from .utils import atomic_write_bytes, atomic_write_json, pick_device, snakes_cache_dir
 
 # %% auto #0
-__all__ = ['MODEL_FACTORIES', 'CHECKPOINTS', 'MANIFEST', 'chunked_cross_entropy', 'lm_loss', 'lr_at', 'no_weight_decay',
-           'make_optimizer', 'register_model', 'model_config_for', 'build_model', 'CheckpointCorruptError',
+__all__ = ['chunked_cross_entropy', 'lm_loss', 'lr_at', 'no_weight_decay', 'make_optimizer', 'model_config_for',
            'NonFiniteLossError', 'optimizer_to_safetensors', 'optimizer_from_safetensors', 'rng_state', 'set_rng_state',
-           'save_model_dir', 'write_checkpoint', 'list_checkpoints', 'verify_checkpoint', 'find_checkpoint',
-           'export_model', 'plot_metrics', 'read_metrics', 'TrainResult', 'Trainer', 'train', 'load_run']
+           'TrainResult', 'Trainer', 'train']
 
 # %% ../notebooks/06_trainer.ipynb #17e3fca3
 def _ce_chunk_sum(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor,
@@ -100,9 +104,10 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: i
 
 # %% ../notebooks/06_trainer.ipynb #2d57bcab
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """True for parameters AdamW must not decay: biases, norm weights, Mamba's dt_bias / A_log / D, any 1-D tensor."""
+    """True for parameters AdamW must not decay: those the model tags `_no_weight_decay` (Mamba's dt_bias, A_log, D),
+    biases, norm weights, any 1-D tensor."""
     parts = name.split(".")
-    return (param.dim() < 2 or parts[-1] in ("bias", "dt_bias", "A_log", "D")
+    return (getattr(param, "_no_weight_decay", False) or param.dim() < 2 or parts[-1] == "bias"
             or any("norm" in p for p in parts[:-1]))
 
 
@@ -120,67 +125,24 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9,
     return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
 
 # %% ../notebooks/06_trainer.ipynb #72684754
-MODEL_FACTORIES: dict[str, Callable[[dict], nn.Module]] = {}
-
-def register_model(model_type: str, factory: Callable[[dict], nn.Module]) -> None:
-    """Make `model_type` trainable: factory(config_dict) -> model with the shared LM interface."""
-    MODEL_FACTORIES[model_type] = factory
-
-
-def _dataclass_kwargs(cls, d: dict) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(d)
-    return {k: v for k, v in d.items() if k in names}
-
-
-def _build_mamba2(config: dict) -> nn.Module:
-    from snakes_lib.model import Mamba2Config, Mamba2LM
-    return Mamba2LM(Mamba2Config(**_dataclass_kwargs(Mamba2Config, config)))
-
-
-def _build_transformer(config: dict) -> nn.Module:
-    import snakes_lib.transformer as T
-    cfg_cls = getattr(T, "TransformerConfig")
-    model_cls = getattr(T, "TransformerLM", None) or getattr(T, "Transformer")
-    return model_cls(cfg_cls(**_dataclass_kwargs(cfg_cls, config)))
-
-register_model("mamba2", _build_mamba2)
-register_model("transformer", _build_transformer)
+# build_model and register_model live in snakes_lib.model (chapter 05): one registry of model types for
+# building, training and loading
 
 
 def model_config_for(cfg: TrainConfig, vocab_size: int) -> dict:
     """The model's config dict: the size's fields, the tokenizer's vocabulary, then cfg.chunk_size / cfg.model_config."""
     if cfg.model_size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {cfg.model_size!r}; choose one of {', '.join(MODEL_SIZES)}")
-    d = {k: v for k, v in dataclasses.asdict(MODEL_SIZES[cfg.model_size]).items() if k != "target"}
+    d = dataclasses.asdict(MODEL_SIZES[cfg.model_size])
     d["vocab_size"] = vocab_size
     if cfg.chunk_size:
         d["chunk_size"] = cfg.chunk_size
     d.update(cfg.model_config or {})
     return d
 
-
-def build_model(model_type: str, config: dict) -> nn.Module:
-    """Construct a model of `model_type` ("mamba2", "transformer" or a registered one) from a config dict."""
-    if model_type not in MODEL_FACTORIES:
-        raise ValueError(f"unknown model_type {model_type!r}; known: {', '.join(MODEL_FACTORIES)} "
-                         "(register more with snakes_lib.train.register_model)")
-    return MODEL_FACTORIES[model_type](config)
-
-# %% ../notebooks/06_trainer.ipynb #bcc1e1a2
-# RunDirError, atomic_write_bytes and atomic_write_json come from snakes_lib.runfolder (chapter 06, run folders)
-class CheckpointCorruptError(RunDirError):
-    """A checkpoint's files do not match its manifest (truncated or half-written)."""
-
+# %% ../notebooks/06_trainer.ipynb #2800c443
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the run stopped and kept its last good checkpoint."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 # %% ../notebooks/06_trainer.ipynb #d144b4ca
 def optimizer_to_safetensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -237,187 +199,6 @@ def set_rng_state(tensors: dict, meta: dict, data_generator: Optional[torch.Gene
     name, pos, has_gauss, cached = meta["numpy"]
     np.random.set_state((name, tensors["numpy_mt"].numpy().astype(np.uint32), pos, has_gauss, cached))
 
-# %% ../notebooks/06_trainer.ipynb #2a8d475f
-CHECKPOINTS = "checkpoints"
-MANIFEST = "manifest.json"
-
-
-def _step_dir_name(step: int) -> str:
-    return f"step_{step:07d}"
-
-
-def save_model_dir(model: nn.Module, directory: Path, model_type: str) -> None:
-    """config.json (with model_type) + model.safetensors, via the model's own save_pretrained when it has one."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(directory)
-    else:
-        _st_save_model(model, str(directory / "model.safetensors"))
-    cfg_path = directory / "config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else model.config.to_dict()
-    cfg.setdefault("model_type", model_type)
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def write_checkpoint(run_dir: str | Path, step: int, files: Callable[[Path], None], keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically: `files(tmp_dir)` fills a temp folder, a manifest of sizes and
-    sha256 sums is added, everything is fsynced, the folder is renamed into place, then the `latest` pointer is
-    replaced atomically. Older checkpoints beyond the newest `keep` are removed only after that. If anything fails
-    (a full disk, Ctrl-C), the temp folder is removed and the previous checkpoints are untouched."""
-    root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / _step_dir_name(step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:                                       # a full disk or Ctrl-C: no temp folder is left behind
-        tmp.mkdir()
-        files(tmp)
-        manifest = {"step": step, "files": {}}
-        for p in sorted(tmp.iterdir()):
-            with open(p, "rb+") as f:
-                os.fsync(f.fileno())
-            manifest["files"][p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        atomic_write_json(tmp / MANIFEST, manifest)
-        _fsync_dir(tmp)
-        if final.exists():                     # re-saving the same step (e.g. Ctrl-C right after a save)
-            old = root / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            shutil.rmtree(old)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(root)
-    atomic_write_bytes(root / "latest", (final.name + "\n").encode())
-    for d in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        if d != final:
-            shutil.rmtree(d, ignore_errors=True)
-    return final
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Finished checkpoint folders of a run, oldest first (temp folders of interrupted writes are skipped)."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    return sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_"))
-
-
-def verify_checkpoint(ckpt: str | Path) -> dict:
-    """Check a checkpoint folder against its manifest; return the manifest or raise CheckpointCorruptError."""
-    ckpt = Path(ckpt)
-    mpath = ckpt / MANIFEST
-    if not mpath.exists():
-        raise CheckpointCorruptError(f"{ckpt} has no {MANIFEST}: it was not finished (interrupted while saving?)")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointCorruptError(f"{mpath} is not valid JSON ({e})") from None
-    for name, info in manifest["files"].items():
-        p = ckpt / name
-        if not p.exists():
-            raise CheckpointCorruptError(f"{p} is missing (listed in {mpath})")
-        size = p.stat().st_size
-        if size != info["bytes"]:
-            raise CheckpointCorruptError(f"{p} has {size} bytes, its manifest says {info['bytes']}: the file was "
-                                         "truncated or overwritten")
-        if _sha256(p) != info["sha256"]:
-            raise CheckpointCorruptError(f"{p} does not match its sha256 in {mpath}: the file is corrupt")
-    return manifest
-
-
-def find_checkpoint(run_dir: str | Path, verbose: bool = True) -> Optional[Path]:
-    """The newest checkpoint of `run_dir` that passes verify_checkpoint (the `latest` pointer first).
-    Corrupt ones are reported with a warning and skipped; None when the run has no checkpoint at all."""
-    ckpts = list_checkpoints(run_dir)
-    if not ckpts:
-        return None
-    latest_file = Path(run_dir) / CHECKPOINTS / "latest"
-    order = list(reversed(ckpts))
-    if latest_file.exists():
-        name = latest_file.read_text().strip()
-        order.sort(key=lambda d: d.name != name)    # the pointer's target first, then newest to oldest
-    problems = []
-    for d in order:
-        try:
-            verify_checkpoint(d)
-        except CheckpointCorruptError as e:
-            problems.append(str(e))
-            if verbose:
-                warnings.warn(f"skipping corrupt checkpoint: {e}", stacklevel=2)
-            continue
-        return d
-    raise CheckpointCorruptError(f"every checkpoint in {Path(run_dir) / CHECKPOINTS} is corrupt:\n  "
-                                 + "\n  ".join(problems) + "\nstart a new run (another --out) or restore a backup")
-
-# %% ../notebooks/06_trainer.ipynb #4a4a65fc
-def export_model(model: nn.Module, run_dir: str | Path, model_type: str, info: dict) -> None:
-    """Write the run's usable model at the top of the run folder (config.json + model.safetensors + export.json with
-    sizes and sha256 sums), each file replaced atomically, so `load_run` and `snakes generate` find it."""
-    run_dir = Path(run_dir)
-    tmp = run_dir / f".tmp-export-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        save_model_dir(model, tmp, model_type)
-        files = {}
-        for p in sorted(tmp.iterdir()):
-            with open(p, "rb+") as f:
-                os.fsync(f.fileno())
-            files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(tmp.iterdir()):
-            os.replace(p, run_dir / p.name)
-    finally:                                   # done, failed (full disk) or interrupted: no temp folder is left
-        shutil.rmtree(tmp, ignore_errors=True)
-    atomic_write_json(run_dir / "export.json", {**info, "files": files})
-
-
-def plot_metrics(run_dir: str | Path, path: Optional[str | Path] = None):
-    """Plot metrics.jsonl (train loss, smoothed, and val loss vs step) to RUN_DIR/loss.png; returns the Figure."""
-    from matplotlib.figure import Figure
-    run_dir = Path(run_dir)
-    recs = read_metrics(run_dir)
-    tr = [(r["step"], r["train_loss"]) for r in recs if "train_loss" in r]
-    va = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
-    fig = Figure(figsize=(6, 3.5), dpi=80)
-    ax = fig.add_subplot()
-    if tr:
-        s, l = zip(*tr)
-        ax.plot(s, l, color="tab:blue", alpha=0.3, lw=1, label="train (per step)")
-        k = max(1, len(l) // 20)
-        sm = np.convolve(l, np.ones(k) / k, mode="valid")
-        ax.plot(s[k - 1:], sm, color="tab:blue", lw=2, label=f"train (mean of {k})")
-    if va:
-        s, l = zip(*va)
-        ax.plot(s, l, "o-", color="tab:orange", lw=2, label="validation")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(run_dir.name)
-    ax.grid(alpha=0.3)
-    if tr or va:
-        ax.legend()
-    fig.tight_layout()
-    out = Path(path) if path else run_dir / "loss.png"
-    buf = __import__("io").BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(out, buf.getvalue())
-    return fig
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """metrics.jsonl as a list of dicts (a half-written last line, from a crash, is ignored)."""
-    p = Path(run_dir) / "metrics.jsonl"
-    if not p.exists():
-        return []
-    out = []
-    for line in p.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
-
 # %% ../notebooks/06_trainer.ipynb #b52846a5
 @dataclass
 class TrainResult:
@@ -448,45 +229,9 @@ def _memory_gb(device: str) -> float:
     except Exception:
         return float("nan")
 
-# %% ../notebooks/06_trainer.ipynb #36e7b963
-def _default_cache_dir() -> Path:
-    """Token caches are keyed by corpus and tokenizer fingerprints, so runs on the same data share one."""
-    try:
-        from snakes_lib.data import snakes_cache_dir
-        return Path(snakes_cache_dir()) / "tokens"
-    except ImportError:
-        return Path.home() / ".cache" / "snakes" / "tokens"
-
-
-class Trainer:
-    """Train any model with the shared LM interface on a folder of text, per a TrainConfig.
-
-    `Trainer(cfg).fit()` -> TrainResult. `callbacks`: functions `cb(trainer)` called after every optimizer step
-    (they may raise KeyboardInterrupt, set `trainer.stop_reason`, or poke at `trainer.model`)."""
-
-    def __init__(self, cfg: TrainConfig, callbacks: Iterable[Callable[["Trainer"], None]] = ()):
-        self.cfg = cfg
-        self.callbacks = list(callbacks)
-        self.run_dir = Path(cfg.out)
-        self.step = 0
-        self.tokens = 0
-        self.best_val: Optional[float] = None
-        self.best_step: Optional[int] = None
-        self.last_val: Optional[float] = None
-        self.last_eval_step: Optional[int] = None
-        self.bad_evals = 0
-        self.stop_reason: Optional[str] = None
-        self._stop_requested = False
-        self._elapsed = 0.0
-        self._last_ckpt_step: Optional[int] = None
-        self._folder: Optional[RunFolder] = None     # the open run folder (lock held) while setting up and training
-        self._phase = "setup"
-        self._abort = False
-
-    # ---- setup -----------------------------------------------------------------------------------------------
-    def _log(self, msg: str) -> None:
-        if self.cfg.progress:
-            print(msg, flush=True)
+# %% ../notebooks/06_trainer.ipynb #29331374
+class _RunFolderMixin:
+    "The Trainer's hold on its run folder: the lock while writing, and what Ctrl-C or a full disk leaves."
 
     @contextlib.contextmanager
     def _writing(self):
@@ -550,15 +295,36 @@ class Trainer:
                     "command again to start over.")
         return f"interrupted: the newest good checkpoint, {ck}, is intact; continue with --resume."
 
+# %% ../notebooks/06_trainer.ipynb #530762ef
+class _SetupMixin:
+    "Set-up, in order: where to resume from, the device, tokenizer and data, then model and optimizer."
+
     def setup(self) -> None:
         """Open the run folder (refused unless new, empty or this run; locked), then tokenizer, data, model, optimizer."""
         with self._writing():
             self._setup()
 
     def _setup(self) -> None:
-        from snakes_lib.tokenizer import SnakesTokenizer, check_tokenizer_fingerprint
-        from snakes_lib.data import bundled_corpus_dir, prepare_data, train_tokenizer_for, EmptyDataError
+        ckpt, state = self._resume_point()
+        cfg, run_dir = self.cfg, self.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
 
+        self.device = pick_device(cfg.device)
+        self.device_type = self.device.split(":")[0]
+        self.precision = resolve_precision(cfg.precision, self.device)
+
+        self._setup_data(ckpt, state)
+        self._setup_model()
+        if state is not None:
+            self._load_state(ckpt, state)
+            self._log(f"resumed {run_dir} at step {self.step} from {ckpt.name}")
+        atomic_write_json(run_dir / TRAIN_CONFIG, self.cfg.to_dict())
+        self._truncate_metrics()
+        self._phase = "train"
+
+    def _resume_point(self) -> tuple[Optional[Path], Optional[dict]]:
+        """(newest good checkpoint, its trainer state), or (None, None) for a new run; refuses a resume without a
+        checkpoint and a new run over an old one. On resume the run's identity comes from the checkpoint."""
         cfg, run_dir = self.cfg, self.run_dir
         ckpt = find_checkpoint(run_dir) if run_dir.exists() else None
         if cfg.resume and ckpt is None:
@@ -577,22 +343,31 @@ class Trainer:
                     "batch_size", "grad_accum", "val_fraction", "include", "exclude")
             self.cfg = cfg = cfg.replace(**{k: getattr(saved, k) for k in keep},
                                          data=cfg.data if cfg.data is not None else saved.data)
-        if cfg.lr_decay_steps is None:
-            self.cfg = cfg = cfg.replace(lr_decay_steps=cfg.max_steps)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.lr_decay_steps is None:
+            self.cfg = self.cfg.replace(lr_decay_steps=self.cfg.max_steps)
+        return ckpt, state
 
-        self.device = detect_device(cfg.device)
-        self.device_type = self.device.split(":")[0]
-        self.precision = resolve_precision(cfg.precision, self.device)
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device_type, dtype=dtype)
 
-        # data and tokenizer: the tokenizer is trained once, on this data, and lives in the run folder
+# %% ../notebooks/06_trainer.ipynb #32498c39
+class _DataModelMixin:
+    "Set-up, continued: the tokenizer and token cache for the run's data, then the model and its optimizer."
+
+    def _setup_data(self, ckpt: Optional[Path], state: Optional[dict]) -> None:
+        """The tokenizer (trained once, on this data, kept in the run folder; on resume checked against the
+        checkpoint) and the token cache; evaluation is switched off when the validation split is too small."""
+        cfg, run_dir = self.cfg, self.run_dir
         # `hf:NAME[:SPLIT]` names a Hugging Face dataset (snakes_lib.data reads it); everything else is a path
         paths = [p if str(p).startswith("hf:") else Path(p) for p in (cfg.data or [bundled_corpus_dir()])]
         missing = [str(p) for p in paths if isinstance(p, Path) and not p.exists()]
         if missing:
             raise EmptyDataError(f"data path(s) not found: {', '.join(missing)}; pass --data with files or folders "
                                  "of text")
-        tok_path = run_dir / "tokenizer.json"
+        tok_path = run_dir / TOKENIZER_FILE
         if tok_path.exists():
             self.tokenizer = SnakesTokenizer.load(tok_path)
         else:
@@ -603,7 +378,7 @@ class Trainer:
         if state is not None:
             check_tokenizer_fingerprint(state["tokenizer_fingerprint"], self.tokenizer.fingerprint,
                                         where=f"{tok_path} (resuming {ckpt})")
-        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else _default_cache_dir()
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else snakes_cache_dir() / "tokens"
         self.data = prepare_data(paths, self.tokenizer, cache_dir, val_fraction=cfg.val_fraction, seed=0,
                                  include=cfg.include, exclude=cfg.exclude, progress=cfg.progress)
         check_tokenizer_fingerprint(self.tokenizer.fingerprint, self.data.tokenizer_fingerprint,
@@ -616,7 +391,10 @@ class Trainer:
             warnings.warn(f"the validation split has {len(self.data.val)} tokens, too few for seq_len={cfg.seq_len}:"
                           " evaluation and early stopping are off", stacklevel=2)
 
-        # model, optimizer
+
+    def _setup_model(self) -> None:
+        "The model (seeded), compiled forwards if asked, AdamW, the fp16 scaler and the data sampler's generator."
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)
         self.model_config = model_config_for(cfg, self.tokenizer.vocab_size)
         self.model = build_model(cfg.model_type, self.model_config).to(self.device)
@@ -631,20 +409,11 @@ class Trainer:
                                         self.device_type)
         self.scaler = torch.amp.GradScaler(self.device_type) if self.precision == "fp16" else None
         self.data_generator = torch.Generator().manual_seed(cfg.seed + 1)
-        if state is not None:
-            self._load_state(ckpt, state)
-            self._log(f"resumed {run_dir} at step {self.step} from {ckpt.name}")
-        atomic_write_json(run_dir / "train_config.json", self.cfg.to_dict())
-        self._truncate_metrics()
-        self._phase = "train"
 
-    def _autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device_type, dtype=dtype)
+# %% ../notebooks/06_trainer.ipynb #1ce6b758
+class _StateMixin:
+    "What a checkpoint holds (model, optimizer, RNGs, trainer state), writing and restoring it, and metrics."
 
-    # ---- state -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "best_val": self.best_val, "best_step": self.best_step,
                 "last_val": self.last_val, "last_eval_step": self.last_eval_step, "bad_evals": self.bad_evals, "elapsed_s": self._elapsed,
@@ -671,7 +440,7 @@ class Trainer:
         return path
 
     def _load_state(self, ckpt: Path, state: dict) -> None:
-        _st_load_model(self.model, str(ckpt / "model.safetensors"), strict=True, device=self.device)
+        _st_load_model(self.model, str(ckpt / WEIGHTS_FILE), strict=True, device=self.device)
         opt_sd = optimizer_from_safetensors(_st_load(str(ckpt / "optimizer.safetensors")),
                                             json.loads((ckpt / "optimizer.json").read_text()))
         self.optimizer.load_state_dict(opt_sd)
@@ -685,15 +454,18 @@ class Trainer:
 
     def _truncate_metrics(self) -> None:
         """On resume, drop metric lines past the checkpoint (a crashed run may have logged further)."""
-        p = self.run_dir / "metrics.jsonl"
+        p = self.run_dir / METRICS_FILE
         recs = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= self.step]
         atomic_write_bytes(p, "".join(json.dumps(r) + "\n" for r in recs).encode())
 
     def _write_metrics(self, rec: dict) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-    # ---- steps -----------------------------------------------------------------------------------------------
+# %% ../notebooks/06_trainer.ipynb #a22cefd1
+class _StepMixin:
+    "One optimizer step, and what stops a run: a non-finite loss, or validation loss that no longer improves."
+
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self._autocast():
             if self.cfg.chunked_ce:
@@ -702,7 +474,6 @@ class Trainer:
 
     def train_step(self) -> float:
         """One optimizer step: grad_accum micro-batches, clipping, AdamW. Returns the mean micro-batch loss."""
-        from snakes_lib.data import random_batch
         cfg = self.cfg
         self.model.train()
         lr = lr_at(self.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.lr_decay_steps)
@@ -745,10 +516,13 @@ class Trainer:
             f"checkpoint was written after it: {kept}. Try a lower --lr (now {self.cfg.lr}), --grad-clip 1.0, "
             f"--precision bf16 or fp32 instead of fp16, or resume with --resume (optionally with a lower --lr).")
 
+# %% ../notebooks/06_trainer.ipynb #aea8b4a3
+class _EvalMixin:
+    "Validation: the same windows every time, its loss and perplexity, early stopping."
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean cross-entropy over the first eval_batches batches of the validation split (the same every time)."""
-        from snakes_lib.data import sequential_batches
         self.model.eval()
         losses = []
         for i, (x, y) in enumerate(sequential_batches(self.data.val, self.cfg.batch_size, self.cfg.seq_len)):
@@ -775,13 +549,105 @@ class Trainer:
             self._log(f"early stopping at step {self.step}: validation loss has not improved for {self.bad_evals} "
                       f"evaluations (best {self.best_val:.4f} at step {self.best_step})")
 
-    # ---- the loop --------------------------------------------------------------------------------------------
+# %% ../notebooks/06_trainer.ipynb #64fd5e50
+class _LoopMixin:
+    "The loop: steps until a reason to stop, Ctrl-C handled between and inside steps."
+
     def _sigint(self, signum, frame) -> None:
         if self._stop_requested:            # second Ctrl-C: stop now, save nothing more
             self._abort = True
             raise KeyboardInterrupt
         self._stop_requested = True
         print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abort at once)", flush=True)
+
+    def _fit(self) -> TrainResult:
+        cfg = self.cfg
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
+        window, t0, clean = [], time.perf_counter(), True
+        try:
+            if self.step >= cfg.max_steps:
+                self.stop_reason = "max_steps"
+            while self.stop_reason is None:
+                if self.step >= cfg.max_steps:
+                    self.stop_reason = "max_steps"
+                    break
+                clean, step_before = False, self.step
+                t_step = time.perf_counter()
+                loss = self.train_step()
+                clean = True
+                self._after_step(loss, time.perf_counter() - t_step, bar, window, t0)
+        except KeyboardInterrupt:
+            if self._abort:
+                raise
+            self.stop_reason = "interrupted"
+            if not clean and self.step == step_before:
+                # the weights only change at the end of a step: drop the partial step and rewind its batches
+                print(f"interrupted inside step {self.step + 1}: that step is dropped", flush=True)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.data_generator.set_state(self._snapshot[0])
+                torch.set_rng_state(self._snapshot[1])
+            clean = True
+        finally:
+            bar.close()
+        return self._finish(clean, window, t0)
+
+    def _after_step(self, loss: float, dt: float, bar, window: list, t0: float) -> None:
+        "After a step: log, update the bar, evaluate, run callbacks, then stop or save a checkpoint if it is time."
+        cfg = self.cfg
+        self._elapsed += dt
+        window.append(loss)
+        tps = cfg.tokens_per_step / max(dt, 1e-9)
+        if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            self._write_metrics({"step": self.step, "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+                                 "tokens": self.tokens, "tokens_per_s": round(tps, 1),
+                                 "mem_gb": round(_memory_gb(self.device), 3)})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mem=f"{_memory_gb(self.device):.2f}G")
+        if self.eval_enabled and self.step % cfg.eval_every == 0:
+            self._eval_and_maybe_stop()
+            plot_metrics(self.run_dir)
+        for cb in self.callbacks:
+            cb(self)
+        if self._stop_requested:
+            self.stop_reason = "interrupted"
+        elif cfg.max_minutes and time.perf_counter() - t0 > 60 * cfg.max_minutes and self.stop_reason is None:
+            self.stop_reason = "time_budget"
+            self._log(f"time budget of {cfg.max_minutes} min reached at step {self.step}")
+        elif cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0 and self.stop_reason is None:
+            self.save_checkpoint()
+
+# %% ../notebooks/06_trainer.ipynb #76276561
+class Trainer(_RunFolderMixin, _SetupMixin, _DataModelMixin, _StateMixin, _StepMixin, _EvalMixin, _LoopMixin):
+    """Train any model with the shared LM interface on a folder of text, per a TrainConfig.
+
+    `Trainer(cfg).fit()` -> TrainResult. `callbacks`: functions `cb(trainer)` called after every optimizer step
+    (they may raise KeyboardInterrupt, set `trainer.stop_reason`, or poke at `trainer.model`).
+    The methods come in groups, one notebook cell each: holding the run folder (`_RunFolderMixin`), set-up
+    (`_SetupMixin`), saving and restoring state (`_StateMixin`), the steps (`_StepMixin`, `_EvalMixin`)
+    and the loop (`_LoopMixin`); here: the state, `fit` and the end of a run."""
+
+    def __init__(self, cfg: TrainConfig, callbacks: Iterable[Callable[["Trainer"], None]] = ()):
+        self.cfg = cfg
+        self.callbacks = list(callbacks)
+        self.run_dir = Path(cfg.out)
+        self.step = 0
+        self.tokens = 0
+        self.best_val: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self.last_val: Optional[float] = None
+        self.last_eval_step: Optional[int] = None
+        self.bad_evals = 0
+        self.stop_reason: Optional[str] = None
+        self._stop_requested = False
+        self._elapsed = 0.0
+        self._last_ckpt_step: Optional[int] = None
+        self._folder: Optional[RunFolder] = None     # the open run folder (lock held) while setting up and training
+        self._phase = "setup"
+        self._abort = False
+
+    def _log(self, msg: str) -> None:
+        if self.cfg.progress:
+            print(msg, flush=True)
 
     def fit(self) -> TrainResult:
         """Set up (if not yet), train, save, export. Ctrl-C: the first finishes the step and saves, a second aborts
@@ -800,58 +666,9 @@ class Trainer:
                 if old_handler is not None:
                     signal.signal(signal.SIGINT, old_handler)
 
-    def _fit(self) -> TrainResult:
-        from tqdm.auto import tqdm
+    def _finish(self, clean: bool, window: list, t0: float) -> TrainResult:
+        "Last evaluation and checkpoint, the exported model and the plot, and what the run achieved."
         cfg = self.cfg
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
-        window, t0, clean = [], time.perf_counter(), True
-        start_step = self.step
-        try:
-            if self.step >= cfg.max_steps:
-                self.stop_reason = "max_steps"
-            while self.stop_reason is None:
-                if self.step >= cfg.max_steps:
-                    self.stop_reason = "max_steps"
-                    break
-                clean, step_before = False, self.step
-                t_step = time.perf_counter()
-                loss = self.train_step()
-                clean = True
-                dt = time.perf_counter() - t_step
-                self._elapsed += dt
-                window.append(loss)
-                tps = cfg.tokens_per_step / max(dt, 1e-9)
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    self._write_metrics({"step": self.step, "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
-                                         "tokens": self.tokens, "tokens_per_s": round(tps, 1),
-                                         "mem_gb": round(_memory_gb(self.device), 3)})
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mem=f"{_memory_gb(self.device):.2f}G")
-                if self.eval_enabled and self.step % cfg.eval_every == 0:
-                    self._eval_and_maybe_stop()
-                    plot_metrics(self.run_dir)
-                for cb in self.callbacks:
-                    cb(self)
-                if self._stop_requested:
-                    self.stop_reason = "interrupted"
-                elif cfg.max_minutes and time.perf_counter() - t0 > 60 * cfg.max_minutes and self.stop_reason is None:
-                    self.stop_reason = "time_budget"
-                    self._log(f"time budget of {cfg.max_minutes} min reached at step {self.step}")
-                elif cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0 and self.stop_reason is None:
-                    self.save_checkpoint()
-        except KeyboardInterrupt:
-            if self._abort:
-                raise
-            self.stop_reason = "interrupted"
-            if not clean and self.step == step_before:
-                # the weights only change at the end of a step: drop the partial step and rewind its batches
-                print(f"interrupted inside step {self.step + 1}: that step is dropped", flush=True)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.data_generator.set_state(self._snapshot[0])
-                torch.set_rng_state(self._snapshot[1])
-            clean = True
-        finally:
-            bar.close()
         self._phase = "save"
         if self.stop_reason in ("max_steps", "early_stopping", "time_budget") and self.eval_enabled \
                 and self.last_eval_step != self.step:
@@ -877,55 +694,3 @@ def train(cfg: Optional[TrainConfig] = None, callbacks: Iterable[Callable] = (),
     else:
         cfg = cfg.replace(**overrides)
     return Trainer(cfg, callbacks).fit()
-
-# %% ../notebooks/06_trainer.ipynb #b0a36e6a
-def _verify_export(run_dir: Path) -> None:
-    info_path = run_dir / "export.json"
-    if not info_path.exists():
-        raise CheckpointCorruptError(f"{run_dir} has no export.json (the model was never exported)")
-    info = json.loads(info_path.read_text())
-    for name, meta in info["files"].items():
-        p = run_dir / name
-        if not p.exists():
-            raise CheckpointCorruptError(f"{p} is missing")
-        if p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
-            raise CheckpointCorruptError(f"{p} does not match export.json (truncated or overwritten)")
-
-
-def _load_model_dir(directory: Path, device: str = "cpu") -> nn.Module:
-    from snakes_lib.model import load_model
-    try:
-        model = load_model(directory)
-    except (ValueError, OSError) as e:
-        raise CheckpointCorruptError(f"could not load the model in {directory}: {e}") from None
-    return model.to(device).eval()
-
-
-def load_run(run_dir: str | Path, device: str = "cpu", checkpoint: str = "best"):
-    """(model, tokenizer) of a training run, in eval mode.
-
-    checkpoint="best": the exported model at the top of the run folder (best validation loss, or the latest weights
-    when the run had no validation), falling back to the newest good checkpoint if it is missing or corrupt;
-    "latest": the newest good checkpoint. Raises RunDirError with what is wrong and what to do."""
-    from snakes_lib.tokenizer import SnakesTokenizer
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunDirError(f"run folder {run_dir} does not exist; train one with `snakes train --out {run_dir}`")
-    tok_path = run_dir / "tokenizer.json"
-    if not tok_path.exists():
-        raise RunDirError(f"{run_dir} has no tokenizer.json: it is not a training run, or its first run stopped "
-                          "before the tokenizer was saved; train again with `snakes train --out ...`")
-    tokenizer = SnakesTokenizer.load(tok_path)
-    if checkpoint == "best" and (run_dir / "export.json").exists():
-        try:
-            _verify_export(run_dir)
-            return _load_model_dir(run_dir, device=device), tokenizer
-        except CheckpointCorruptError as e:
-            warnings.warn(f"{e}; falling back to the newest good checkpoint", stacklevel=2)
-    elif checkpoint not in ("best", "latest"):
-        raise ValueError(f"checkpoint must be 'best' or 'latest', got {checkpoint!r}")
-    ckpt = find_checkpoint(run_dir)
-    if ckpt is None:
-        raise RunDirError(f"{run_dir} has no model: no export.json/model.safetensors and no finished checkpoint in "
-                          f"{run_dir / CHECKPOINTS}; the run stopped before its first save. Train again.")
-    return _load_model_dir(ckpt, device=device), tokenizer

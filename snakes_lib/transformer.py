@@ -17,10 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .model import RMSNorm, mamba2_num_parameters   # the one RMSNorm and parameter count (chapter 05)
+
 # %% auto #0
-__all__ = ['TransformerConfig', 'rotary_cos_sin', 'apply_rotary', 'KVCache', 'RMSNorm', 'CausalSelfAttention', 'SwiGLU',
-           'TransformerBlock', 'TransformerBackbone', 'TransformerLM', 'mamba2_num_parameters',
-           'transformer_num_parameters', 'matched_transformer_config']
+__all__ = ['TransformerConfig', 'rotary_cos_sin', 'apply_rotary', 'KVCache', 'CausalSelfAttention', 'SwiGLU', 'TransformerBlock',
+           'TransformerBackbone', 'TransformerLM', 'transformer_num_parameters', 'matched_transformer_config']
 
 # %% ../notebooks/08_transformer.ipynb #c823af1a
 @dataclass
@@ -160,21 +161,6 @@ class KVCache:
                 f"capacity={self.capacity}, nbytes={self.nbytes()})")
 
 # %% ../notebooks/08_transformer.ipynb #97695d2b
-class RMSNorm(nn.Module):
-    "y = x / rms(x) * weight, computed in float32 (float64 stays float64)."
-
-    def __init__(self, d: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
-
-    def forward(self, x):
-        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xf = x.to(cd)
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.to(cd)).to(x.dtype)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: TransformerConfig, layer_idx: int):
         super().__init__()
@@ -265,6 +251,7 @@ class TransformerLM(nn.Module):
     `model(input_ids, cache=None) -> logits (batch, seqlen, vocab_size)`, `hidden_states`, `lm_head`,
     `allocate_inference_cache`, `step`, `gradient_checkpointing`, `num_parameters`, `save_pretrained`/`from_pretrained`.
     The embedding and lm_head have `padded_vocab_size` rows; logits are cut to `vocab_size`."""
+    config_class = TransformerConfig    # what snakes_lib.model.build_model makes from a config dict
 
     def __init__(self, config: TransformerConfig, device=None, dtype=None):
         super().__init__()
@@ -379,25 +366,6 @@ class TransformerLM(nn.Module):
         return model.to(device=device, dtype=dtype) if (device or dtype) else model
 
 # %% ../notebooks/08_transformer.ipynb #6d89331c
-def mamba2_num_parameters(config, exclude_embedding: bool = True) -> int:
-    """Parameters of a Mamba-2 LM in the official layout, from its config alone (no model built).
-    Reads d_model, n_layer, expand, headdim, d_state, ngroups, d_conv, vocab_size, pad_vocab_size_multiple, tie_embeddings."""
-    g = lambda k, d=None: getattr(config, k, d) if not isinstance(config, dict) else config.get(k, d)
-    d, n_layer = g("d_model"), g("n_layer")
-    expand, headdim, N, G, K = g("expand", 2), g("headdim", 64), g("d_state", 128), g("ngroups", 1), g("d_conv", 4)
-    d_inner = expand * d
-    H = d_inner // headdim
-    conv_dim = d_inner + 2 * G * N
-    norm = d if g("rms_norm", True) else 2 * d  # LayerNorm has a bias
-    per_layer = d * (2 * d_inner + 2 * G * N + H) + conv_dim * (K + 1) + 3 * H + d_inner + d_inner * d + norm
-    n = n_layer * per_layer + norm
-    if not exclude_embedding:
-        m = g("pad_vocab_size_multiple", 16) or 1
-        vocab = m * math.ceil(g("vocab_size") / m)
-        n += vocab * d * (1 if g("tie_embeddings", True) else 2)
-    return n
-
-
 def transformer_num_parameters(config: TransformerConfig, exclude_embedding: bool = True) -> int:
     "Parameters of a TransformerLM from its config alone."
     d, f = config.d_model, config.intermediate_size

@@ -1,4 +1,4 @@
-"""snakes_lib.data: loading messy folders, the streamed token cache, splits, batches, the bundled corpus."""
+"""snakes_lib.data: loading messy folders, the streamed token cache, splits, batches."""
 import json
 import shutil
 import sys
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from snakes_lib.data import (MAX_DOCUMENT_BYTES, EmptyDataError, TokenData, _token_dtype, bundled_corpus_dir,
-                             corpus_fingerprint, decode_text, generate_corpus, load_documents,
+from snakes_lib.data import (MAX_DOCUMENT_BYTES, EmptyDataError, TokenData, _token_dtype,
+                             corpus_fingerprint, decode_text, load_documents,
                              prepare_data, random_batch, sequential_batches, train_tokenizer_for)
 from snakes_lib.tokenizer import SnakesTokenizer, TokenizerMismatchError
 
@@ -271,36 +271,6 @@ def test_hf_dataset_folder(tmp_path, tok):
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"story": ["Once upon a time."]})})
     dd.save_to_disk(str(tmp_path / "hfdd"))
     assert [d.text for d in load_documents(tmp_path / "hfdd")] == ["Once upon a time."]  # first string column
-
-
-def test_bundled_corpus_is_deterministic(tmp_path):
-    a = bundled_corpus_dir(tmp_path / "a", n_documents=30, seed=5)
-    b = generate_corpus(tmp_path / "b", n_documents=30, seed=5)
-    fa, fb = sorted(a.glob("*.txt")), sorted(b.glob("*.txt"))
-    assert len(fa) == 30 and [f.read_bytes() for f in fa] == [f.read_bytes() for f in fb]
-    assert bundled_corpus_dir(tmp_path / "a", n_documents=30, seed=5) == a  # cached
-    c = generate_corpus(tmp_path / "c", n_documents=30, seed=6)
-    assert [f.read_bytes() for f in sorted(c.glob("*.txt"))] != [f.read_bytes() for f in fb]
-    assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".corpus-")]  # no temp folders left
-
-
-def test_default_bundled_corpus_size(tmp_path):
-    d = bundled_corpus_dir(tmp_path)
-    texts = [f.read_text() for f in sorted(d.glob("*.txt"))]
-    total = sum(len(t.encode()) for t in texts)
-    assert 1_000_000 < total < 5_000_000
-    assert any("Maia" in t for t in texts)
-    assert all(t.strip() and t.isascii() for t in texts)
-
-
-def test_generator_change_requires_version_bump(tmp_path):
-    """The corpus's bytes are pinned. If this fails you changed the generator: bump CORPUS_VERSION (so cached corpora
-    under the old name are not reused) and update both numbers here."""
-    import hashlib
-    from snakes_lib.data import CORPUS_VERSION
-    d = generate_corpus(tmp_path, n_documents=40, seed=0)
-    h = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(d.glob("*.txt")))).hexdigest()[:16]
-    assert (CORPUS_VERSION, h) == (2, "63825876412c414a")
 
 
 def test_large_file_is_read_in_exact_pieces(tmp_path, tok):

@@ -510,12 +510,12 @@ def test_load_for_generation_bare_and_exported(tiny_run, tmp_path):
     run, model, tok = tiny_run
     m, t = G.load_for_generation(run)
     assert t.fingerprint == tok.fingerprint and not m.training
-    train_mod = pytest.importorskip("snakes_lib.train")
-    if hasattr(train_mod, "export_model"):
+    runs = pytest.importorskip("snakes_lib.runs")
+    if hasattr(runs, "export_model"):
         out = tmp_path / "exported"
         out.mkdir()
         tok.save(out)
-        train_mod.export_model(model, out, "mamba2", {"step": 1, "val_loss": None})
+        runs.export_model(model, out, "mamba2", {"step": 1, "val_loss": None})
         m2, _ = G.load_for_generation(out)
         ids = torch.tensor([tok.encode("Maia")])
         with torch.no_grad():

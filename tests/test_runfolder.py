@@ -21,7 +21,7 @@ import pytest
 
 from snakes_lib.cli import main
 from snakes_lib.runfolder import LOCK_FILE, RUN_MARKER, RunLock, RunLockedError
-from snakes_lib.train import find_checkpoint, read_metrics, verify_checkpoint
+from snakes_lib.runs import find_checkpoint, read_metrics, verify_checkpoint
 
 from test_train import MICRO, make_corpus
 
@@ -175,7 +175,7 @@ def test_lock_holders(tmp_path):
 
 def test_stale_lock_of_a_killed_run_is_taken_over(tmp_path, corpus, capsys):
     run = tmp_path / "run"
-    killed = Paused("snakes_lib.train:save_model_dir@2", train_argv(tmp_path, run, steps=4))
+    killed = Paused("snakes_lib.runs:save_model_dir@2", train_argv(tmp_path, run, steps=4))
     killed.wait_for("PAUSED")                     # step 2: export done, checkpoint step_0000002 half written
     killed.proc.kill()
     killed.finish()
@@ -209,7 +209,7 @@ def test_ctrl_c_during_set_up(tmp_path, corpus, where):
 def test_second_ctrl_c_during_the_graceful_stop(tmp_path, corpus):
     run = tmp_path / "run"
     argv = train_argv(tmp_path, run, "--eval-every", "0", steps=3)
-    p = Paused("snakes_lib.train:save_model_dir@3", argv)           # 1, 2: step 2's checkpoint and export
+    p = Paused("snakes_lib.runs:save_model_dir@3", argv)           # 1, 2: step 2's checkpoint and export
     p.wait_for("PAUSED")                                             # 3: the final checkpoint, half written
     p.proc.send_signal(signal.SIGINT)
     p.wait_for("Ctrl-C: finishing")

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from snakes_lib.presets import resolve_preset
-from snakes_lib.train import (CheckpointCorruptError, NonFiniteLossError, RunDirError, Trainer, chunked_cross_entropy,
-                              find_checkpoint, list_checkpoints, load_run, lr_at, make_optimizer, no_weight_decay,
-                              optimizer_from_safetensors, optimizer_to_safetensors, read_metrics, train,
-                              verify_checkpoint)
+from snakes_lib.runfolder import RunDirError
+from snakes_lib.runs import CheckpointCorruptError, find_checkpoint, list_checkpoints, load_run, read_metrics, verify_checkpoint
+from snakes_lib.train import (NonFiniteLossError, Trainer, chunked_cross_entropy, lr_at, make_optimizer, no_weight_decay,
+                              optimizer_from_safetensors, optimizer_to_safetensors, train)
 
 WORDS = ("the snake a girl named Maia found small red ball garden cat ran happy tree river sun moon "
          "slow quick under over and then she he it was is to in on").split()
