@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -26,7 +27,8 @@ from .utils import pick_device
 __all__ = ['CacheInterfaceError', 'check_cache_interface', 'apply_repetition_penalty', 'top_k_filter', 'top_p_filter',
            'process_logits', 'next_token_probs', 'sample_next_token', 'StreamDecoder', 'StopFilter', 'check_run_dir',
            'load_for_generation', 'Generation', 'GenerationStream', 'generate_stream', 'generate',
-           'add_generate_command', 'run_generate_command']
+           'prefill_left_padded', 'prefill_one_by_one', 'sampling_explorer', 'add_generate_command',
+           'run_generate_command']
 
 # %% ../notebooks/07_generate.ipynb #71665977
 class CacheInterfaceError(TypeError):
@@ -410,6 +412,99 @@ def generate(model, tokenizer, prompt: str | Sequence[str], max_new_tokens: int 
         pass
     out = gs.results if return_details else [r.text for r in gs.results]
     return out[0] if single else out
+
+# %% ../notebooks/07_generate.ipynb #b7c0de02
+@contextmanager
+def _pads_silenced(model, keep: torch.Tensor):
+    """While active, `model(ids)` treats positions where keep (batch, seqlen) is False as absent: each Mamba-2 mixer
+    gets a zero convolution input and dt = 0 there, so its state neither decays nor takes a write."""
+    mixers = [block.mixer for block in model.backbone.layers]
+    handles = []
+    for m in mixers:
+        lo, hi = m.d_inner, m.d_inner + m.conv_dim                   # in_proj's output is [z | xBC | dt]
+
+        def zero_conv_input(module, args, out, lo=lo, hi=hi):
+            out = out.clone()
+            out[..., lo:hi] = out[..., lo:hi] * keep[..., None].to(out.dtype)
+            return out
+
+        def masked_params(dt_raw, params=m._ssm_params):
+            dt, A, D = params(dt_raw)
+            return dt * keep[..., None].to(dt.dtype), A, D           # dt (batch, seqlen, nheads): 0 on the pads
+
+        handles.append(m.in_proj.register_forward_hook(zero_conv_input))
+        m._ssm_params = masked_params
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m in mixers:
+            del m._ssm_params                                         # back to the class's method
+
+
+def prefill_left_padded(model, prompts: Sequence[Sequence[int]], pad_id: int = 0):
+    """Prefill prompts of different lengths in one parallel call: left-padded to the longest, the pads inert.
+
+    model: a Mamba2LM; prompts: lists of token ids (at least one each). Returns (logits (batch, vocab) after each
+    prompt's last token, cache with each prompt's states): what each prompt gives alone, to float rounding."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prefill_left_padded needs at least one prompt, each with at least one token")
+    if not hasattr(getattr(model, "backbone", None), "layers"):
+        raise TypeError(f"prefill_left_padded needs a Mamba2LM (Mamba-2 mixers to silence the pads in), "
+                        f"got {type(model).__name__}")
+    device, T = _model_device(model), max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], device=device)
+    keep = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
+    with torch.no_grad(), _pads_silenced(model, keep):
+        cache = model.allocate_inference_cache(len(prompts))
+        logits = model(ids, cache=cache)[:, -1]
+    return logits, cache
+
+
+def prefill_one_by_one(model, prompts: Sequence[Sequence[int]]):
+    "The reference for `prefill_left_padded`: each prompt prefilled alone, its states copied into row i of one cache."
+    device = _model_device(model)
+    with torch.no_grad():
+        cache, rows = model.allocate_inference_cache(len(prompts)), []
+        for i, p in enumerate(prompts):
+            alone = model.allocate_inference_cache(1)
+            rows.append(model(torch.tensor([list(p)], device=device), cache=alone)[0, -1])
+            for full, one in zip(cache.conv_states + cache.ssm_states, alone.conv_states + alone.ssm_states):
+                full[i] = one[0]
+    return torch.stack(rows), cache
+
+# %% ../notebooks/07_generate.ipynb #b7c0de08
+def sampling_explorer(logits: torch.Tensor, temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
+                      labels: Callable[[int], str] | None = None, n_show: int = 15, draw: bool = True) -> dict:
+    """The next-token distribution sampling draws from, for logits (vocab,): the callback of chapter 07's sliders.
+
+    top_k 0 and top_p 1 are off; temperature 0 is greedy. labels(token_id) names a token on the plot. Returns
+    {"probs" (vocab,) float32, "raw" (vocab,), "kept" (tokens with p > 0), "top_prob", "entropy_bits",
+    "shown" (the n_show most likely token ids), "figure" (None unless draw)}."""
+    if logits.dim() != 1:
+        raise ValueError(f"logits must be one vector (vocab,), got shape {tuple(logits.shape)}")
+    raw = logits.float().softmax(-1)
+    probs = next_token_probs(logits[None], temperature=temperature, top_k=top_k or None, top_p=top_p)[0]
+    nz = probs[probs > 0]
+    shown = raw.argsort(descending=True)[:n_show]
+    out = dict(probs=probs, raw=raw, kept=int(nz.numel()), top_prob=probs.max().item(),
+               entropy_bits=max(0.0, float(-(nz * nz.log2()).sum())), shown=shown.tolist(), figure=None)
+    if draw:
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(9, 3.2))
+        xs = range(len(shown))
+        ax.bar(xs, raw[shown].tolist(), color="lightgrey", label="raw (T = 1, no cut)")
+        ax.bar(xs, probs[shown].tolist(), color="tab:green", alpha=0.8, label="sampled from")
+        names = [labels(int(i)) if labels else str(int(i)) for i in shown]
+        ax.set_xticks(list(xs), names, rotation=90, fontsize=8)
+        ax.set(ylabel="probability", ylim=(0, 1))
+        ax.set_title(f"T = {temperature:g}, top-k = {top_k or 'off'}, top-p = {top_p:g}: {out['kept']} possible "
+                     f"token{'s' * (out['kept'] != 1)}, entropy {out['entropy_bits']:.2f} bits", fontsize=10)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        out["figure"] = fig
+    return out
 
 # %% ../notebooks/07_generate.ipynb #37fb05bf
 def _pick_device(name: str) -> torch.device:

@@ -7,13 +7,16 @@ Docs: https://github.com/snakes-course/snakes/hippo.html.md"""
 # %% ../notebooks/01_hippo.ipynb #e64b472a
 from __future__ import annotations
 
+import base64
+import io
 import math
 
 import torch
 
 # %% auto #0
-__all__ = ['INIT_A_METHODS', 'make_hippo_legs', 'discretize_zoh', 'discretize_bilinear', 'discretize', 'legendre',
-           'hippo_legs_online', 'hippo_legs_reconstruct', 'init_A_log', 'init_dt_bias']
+__all__ = ['HIPPO_SIGNALS', 'INIT_A_METHODS', 'make_hippo_legs', 'discretize_zoh', 'discretize_bilinear', 'discretize',
+           'legendre', 'hippo_legs_online', 'hippo_legs_reconstruct', 'hippo_signal', 'hippo_explorer', 'widget_bundle',
+           'show_widget', 'init_A_log', 'init_dt_bias']
 
 # %% ../notebooks/01_hippo.ipynb #0eec25aa
 def make_hippo_legs(N: int, dtype: torch.dtype = torch.float64):
@@ -109,6 +112,73 @@ def hippo_legs_reconstruct(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     N = c.shape[-1]
     g = legendre(N, 2 * s.to(c.dtype) - 1) * torch.sqrt(2 * torch.arange(N, dtype=c.dtype) + 1)   # (M, N)
     return c @ g.T
+
+# %% ../notebooks/01_hippo.ipynb #f1e1d002
+HIPPO_SIGNALS = ("smooth", "square wave", "chirp", "random walk")
+
+
+def hippo_signal(kind: str = "smooth", L: int = 1000, seed: int = 0):
+    """A test signal of L samples: kind in HIPPO_SIGNALS. Returns (t (L,), f (L,)) float64, t the sample midpoints in [0, 1]."""
+    if kind not in HIPPO_SIGNALS:
+        raise ValueError(f"signal must be one of {HIPPO_SIGNALS}, got {kind!r}")
+    t = (torch.arange(L, dtype=torch.float64) + 0.5) / L
+    g = torch.Generator().manual_seed(seed)
+    if kind == "smooth":                      # a few sines with 1/frequency amplitudes
+        freqs = torch.arange(1, 9, dtype=torch.float64)
+        amps = torch.randn(8, generator=g, dtype=torch.float64) / freqs
+        phases = 2 * math.pi * torch.rand(8, generator=g, dtype=torch.float64)
+        f = (amps * torch.sin(2 * math.pi * freqs * t[:, None] + phases)).sum(-1)
+    elif kind == "square wave":
+        f = torch.sign(torch.sin(2 * math.pi * 3 * t + 0.3))
+    elif kind == "chirp":                     # frequency rising from 1 to 16 cycles per history
+        f = torch.sin(2 * math.pi * (t + 7.5 * t**2))
+    else:
+        f = torch.cumsum(torch.randn(L, generator=g, dtype=torch.float64), 0) / math.sqrt(L)
+    return t, f
+
+
+def hippo_explorer(N: int = 16, signal: str = "smooth", L: int = 1000, seed: int = 0, draw: bool = True) -> dict:
+    """Remember `signal` with N LegS numbers and reconstruct it: the callback of chapter 01's sliders.
+
+    Returns {"N", "signal", "rmse", "max_error", "worst_at" (fraction of the history where the error is largest),
+    "t", "f", "reconstruction" (L,), "figure" (None unless draw)}."""
+    if not isinstance(N, int) or N < 1:
+        raise ValueError(f"N must be a positive integer, got {N!r}")
+    t, f = hippo_signal(signal, L, seed)
+    recon = hippo_legs_reconstruct(hippo_legs_online(f, N)[-1], t)
+    err = recon - f
+    out = dict(N=N, signal=signal, rmse=err.pow(2).mean().sqrt().item(), max_error=err.abs().max().item(),
+               worst_at=t[err.abs().argmax()].item(), t=t, f=f, reconstruction=recon, figure=None)
+    if draw:
+        import matplotlib.pyplot as plt
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 4.6), sharex=True, gridspec_kw=dict(height_ratios=[2, 1]))
+        ax.plot(t, f, "k", lw=2.5, alpha=0.35, label=f"signal: {signal}")
+        ax.plot(t, recon, "tab:blue", lw=1.2, label=f"from the final state, N = {N}")
+        ax.legend(loc="upper right", fontsize=8)
+        ax.set_title(f"HiPPO-LegS memory with N = {N}: rmse {out['rmse']:.3f}, max error {out['max_error']:.2f}")
+        ax2.plot(t, err.abs(), "tab:red", lw=1)
+        ax2.set(yscale="log", ylabel="|error|", xlabel="time (fraction of the history; 1 = now)")
+        fig.tight_layout()
+        out["figure"] = fig
+    return out
+
+# %% ../notebooks/01_hippo.ipynb #f1e1d006
+def widget_bundle(widget, figure=None, note: str = "an interactive widget: run the notebook to use it") -> dict:
+    """The output of `widget` (its widget view) with a static PNG of `figure` (a matplotlib Figure, or None) beside
+    it, for viewers without a kernel. Returns a MIME bundle {mimetype: data} for `IPython.display.display(raw=True)`."""
+    bundle = dict(widget._repr_mimebundle_())
+    bundle["text/plain"] = f"<{note}>"
+    if figure is not None:
+        buf = io.BytesIO()
+        figure.savefig(buf, format="png", bbox_inches="tight")
+        bundle["image/png"] = base64.b64encode(buf.getvalue()).decode("ascii")
+    return bundle
+
+
+def show_widget(widget, figure=None) -> None:
+    "Display `widget`, with a picture of `figure` for viewers that cannot run it (see `widget_bundle`)."
+    from IPython.display import display
+    display(widget_bundle(widget, figure), raw=True)
 
 # %% ../notebooks/01_hippo.ipynb #a4a8a716
 INIT_A_METHODS = ("mamba2", "s4d_real", "constant")

@@ -17,8 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 # %% auto #0
-__all__ = ['check_ssd_inputs', 'ssd_step', 'ssd_recurrent', 'segsum', 'semiseparable_matrix', 'ssd_quadratic', 'ssd_chunked',
-           'ssd_cost', 'PeakTensorMemory', 'measure_ssd', 'ssd_cost_explorer']
+__all__ = ['check_ssd_inputs', 'ssd_step', 'ssd_recurrent', 'segsum', 'semiseparable_matrix', 'ssd_quadratic', 'ssd_minimal',
+           'ssd_chunked', 'ssd_cost', 'PeakTensorMemory', 'measure_ssd', 'ssd_cost_explorer']
 
 # %% ../notebooks/03_ssd.ipynb #d1fa0c35
 def _shape(t: torch.Tensor) -> str:
@@ -81,6 +81,23 @@ def _heads(t: torch.Tensor, nheads: int) -> torch.Tensor:
     "(batch, seqlen, ngroups, dstate) -> (batch, seqlen, nheads, dstate); head h reads group h // (nheads // ngroups)."
     return t.repeat_interleave(nheads // t.shape[2], dim=2)
 
+# %% ../notebooks/03_ssd.ipynb #5e0a1d02
+def _doc_ids(seq_idx, batch: int, seqlen: int, device) -> torch.Tensor | None:
+    """seq_idx (batch, seqlen) integer labels, or None -> (batch, seqlen) int64 document numbers 0, 0, 1, 1, 2, ...
+
+    A new document starts wherever the label changes from the token before; checks the type and shape."""
+    if seq_idx is None:
+        return None
+    if not isinstance(seq_idx, torch.Tensor) or seq_idx.is_floating_point() or seq_idx.is_complex() or seq_idx.dtype == torch.bool:
+        raise ValueError(f"seq_idx must be an integer tensor (batch, seqlen) or None, got "
+                         f"{getattr(seq_idx, 'dtype', type(seq_idx).__name__)}")
+    if seq_idx.shape != (batch, seqlen):
+        raise ValueError(f"seq_idx must be (batch, seqlen) = ({batch}, {seqlen}) to match x, got {_shape(seq_idx)}")
+    if seq_idx.device != torch.device(device):
+        raise ValueError(f"seq_idx is on {seq_idx.device} but x is on {device}: move it with seq_idx.to(x.device)")
+    starts = seq_idx[:, 1:] != seq_idx[:, :-1]                   # True where token t starts a new document
+    return F.pad(torch.cumsum(starts, dim=1), (1, 0))[:, :seqlen]  # (batch, seqlen): 0 for the first document
+
 # %% ../notebooks/03_ssd.ipynb #2683dbe4
 def ssd_step(state, x, dt, A, B, C, D=None):
     """Advance the SSM by one token.
@@ -98,18 +115,23 @@ def ssd_step(state, x, dt, A, B, C, D=None):
     return y, state
 
 
-def ssd_recurrent(x, dt, A, B, C, D=None, initial_state=None):
+def ssd_recurrent(x, dt, A, B, C, D=None, initial_state=None, seq_idx=None):
     """The plain loop over time. Slow, obviously right: the reference for the other forms.
 
-    x (batch, seqlen, nheads, headdim), dt (batch, seqlen, nheads), A (nheads,), B, C (batch, seqlen, ngroups, dstate).
-    Returns y (batch, seqlen, nheads, headdim) and the final state (batch, nheads, headdim, dstate)."""
+    x (batch, seqlen, nheads, headdim), dt (batch, seqlen, nheads), A (nheads,), B, C (batch, seqlen, ngroups, dstate);
+    seq_idx (batch, seqlen) integers or None: packed documents, the state is reset to zero where it changes
+    (initial_state belongs to the first document). Returns y (batch, seqlen, nheads, headdim) and the final state
+    (batch, nheads, headdim, dstate), the last document's."""
     batch, seqlen, nheads, headdim, ngroups, dstate = check_ssd_inputs(x, dt, A, B, C, D, initial_state)
+    doc = _doc_ids(seq_idx, batch, seqlen, x.device)
     cd = _compute_dtype(x)
     state = (torch.zeros(batch, nheads, headdim, dstate, dtype=cd, device=x.device)
              if initial_state is None else initial_state.to(cd))
     D_ = None if D is None else D.to(cd)
     ys = []
     for t in range(seqlen):
+        if doc is not None and t > 0:                            # a new document starts from a zero state
+            state = state * (doc[:, t] == doc[:, t - 1]).to(cd)[:, None, None, None]
         y_t, state = ssd_step(state, x[:, t].to(cd), dt[:, t].to(cd), A.to(cd), B[:, t].to(cd), C[:, t].to(cd), D_)
         ys.append(y_t)
     y = torch.stack(ys, dim=1) if ys else x.new_zeros(batch, 0, nheads, headdim, dtype=cd)
@@ -148,44 +170,89 @@ def semiseparable_matrix(dt, A, B, C):
     return (L * CB[:, :, None]).reshape(batch, nheads, seqlen, seqlen)
 
 # %% ../notebooks/03_ssd.ipynb #b9559b69
-def ssd_quadratic(x, dt, A, B, C, D=None, initial_state=None):
+def ssd_quadratic(x, dt, A, B, C, D=None, initial_state=None, seq_idx=None):
     """The masked-attention form: y = (L * C B^T) (dt x), O(seqlen^2) time and memory.
 
-    Shapes as `ssd_recurrent`. Returns (y, final_state)."""
+    Shapes as `ssd_recurrent` (with seq_idx, M is block diagonal: one block per document). Returns (y, final_state)."""
     batch, seqlen, nheads, headdim, ngroups, dstate = check_ssd_inputs(x, dt, A, B, C, D, initial_state)
+    doc = _doc_ids(seq_idx, batch, seqlen, x.device)
     cd = _compute_dtype(x)
     x_, dt_, A_ = x.to(cd), dt.to(cd), A.to(cd)
     M = semiseparable_matrix(dt_, A_, B.to(cd), C.to(cd))                   # (b, h, l, s)
+    if doc is not None:                                                      # no token reads another document
+        M = M * (doc[:, :, None] == doc[:, None, :])[:, None].to(cd)
+        first, last = (doc == 0).to(cd)[:, None], (doc == doc[:, -1:]).to(cd)[:, None]   # (b, 1, l)
     xdt = (x_ * dt_[..., None]).transpose(1, 2)                              # (b, h, s, p)
     y = (M @ xdt).transpose(1, 2)                                            # (b, l, h, p)
     a = (dt_ * A_).transpose(1, 2)                                           # (b, h, l) log-decay per token
     Bh = _heads(B.to(cd), nheads).transpose(1, 2)                            # (b, h, l, n)
-    final = (xdt * torch.exp(_sum_after(a))[..., None]).transpose(-1, -2) @ Bh   # (b, h, p, n)
-    if initial_state is not None:
+    to_end = torch.exp(_sum_after(a)) * (1 if doc is None else last)        # only the last document reaches the end
+    final = (xdt * to_end[..., None]).transpose(-1, -2) @ Bh                 # (b, h, p, n)
+    if initial_state is not None:                                            # read by the first document only
         h0 = initial_state.to(cd)
         Ch = _heads(C.to(cd), nheads).transpose(1, 2)                        # (b, h, l, n)
-        y = y + ((Ch @ h0.transpose(-1, -2)) * torch.exp(torch.cumsum(a, -1))[..., None]).transpose(1, 2)
-        final = final + h0 * torch.exp(a.sum(-1))[..., None, None]
+        from_start = torch.exp(torch.cumsum(a, -1)) * (1 if doc is None else first)
+        y = y + ((Ch @ h0.transpose(-1, -2)) * from_start[..., None]).transpose(1, 2)
+        survives = torch.exp(a.sum(-1)) * (1 if doc is None or seqlen == 0 else first[..., -1])
+        final = final + h0 * survives[..., None, None]
     if D is not None:
         y = y + D.to(cd)[:, None] * x_
     return y.to(x.dtype), final.to(x.dtype)
+
+# %% ../notebooks/03_ssd.ipynb #c0de0304
+def ssd_minimal(x, dt, A, B, C, chunk_size: int, initial_state=None, passing: str = "matrix"):
+    """The chunked SSD in its shortest form, one einsum per step: for reading, not for speed.
+
+    x (b, l, h, p), dt (b, l, h), A (h,), B, C (b, l, g, n), initial_state (b, h, p, n) or None; l must be a multiple
+    of chunk_size. passing: "loop" or "matrix" (state passing as a recurrence or as a 1-semiseparable matrix over
+    chunks). Returns (y (b, l, h, p), final_state (b, h, p, n))."""
+    b, l, h, p = x.shape
+    if l % chunk_size or passing not in ("loop", "matrix"):
+        raise ValueError(f"need seqlen ({l}) a multiple of chunk_size ({chunk_size}) and passing 'loop' or 'matrix'")
+    c, Q, n = l // chunk_size, chunk_size, B.shape[-1]
+    X = (x * dt[..., None]).reshape(b, c, Q, h, p)                       # the values, dt * x
+    Bc, Cc = (_heads(t, h).reshape(b, c, Q, h, n) for t in (B, C))
+    a = (dt * A).reshape(b, c, Q, h).permute(0, 3, 1, 2)                 # (b, h, c, Q): log-decay per token
+    a_cum = torch.cumsum(a, dim=-1)                                      # within each chunk
+    L = torch.exp(segsum(a))                                             # (b, h, c, Q, Q)
+    y = torch.einsum("bcihn,bcjhn,bhcij,bcjhp->bcihp", Cc, Bc, L, X)                   # 1. diagonal blocks
+    to_end = torch.exp(a_cum[..., -1:] - a_cum)                          # decay from token j to the chunk's end
+    states = torch.einsum("bcjhn,bhcj,bcjhp->bchpn", Bc, to_end, X)                    # 2. chunk states
+    h0 = x.new_zeros(b, h, p, n) if initial_state is None else initial_state
+    chunk_decay = a_cum[..., -1]                                         # (b, h, c): log Lambda_k
+    if passing == "loop":                                                              # 3. state passing ...
+        entering, s = [], h0
+        for k in range(c):
+            entering.append(s)
+            s = torch.exp(chunk_decay[:, :, k])[..., None, None] * s + states[:, k]
+        entering, final = torch.stack(entering, dim=1), s
+    else:                                                                # ... or one matrix over chunks
+        Lc = torch.exp(segsum(F.pad(chunk_decay, (1, 0))))               # (b, h, c+1, c+1), 1-semiseparable
+        passed = torch.einsum("bhkm,bmhpn->bkhpn", Lc, torch.cat([h0[:, None], states], dim=1))
+        entering, final = passed[:, :-1], passed[:, -1]
+    y = y + torch.einsum("bcihn,bchpn,bhci->bcihp", Cc, entering, torch.exp(a_cum))    # 4. state to output
+    return y.reshape(b, l, h, p), final
 
 # %% ../notebooks/03_ssd.ipynb #8a8fb753
 _FALLBACK_WARNED: set = set()
 
 
-def _fast_backend(x, B, chunk_size, backend: str):
+def _fast_backend(x, B, chunk_size, backend: str, seq_idx=None):
     """The chapter 09 Triton `ssd_chunked` when it can run this call, else None (backend "auto" warns once why)."""
     if backend not in ("auto", "triton"):
         raise ValueError(f'backend must be "auto", "torch" or "triton", got {backend!r}')
     if not isinstance(x, torch.Tensor) or (backend == "auto" and not x.is_cuda):
         return None                                 # bad inputs get the PyTorch path's clear errors
+    if seq_idx is not None:                         # packed documents: not in the chapter 09 kernels yet
+        reason = "seq_idx (packed documents) is not supported by the Triton kernels yet"
+    else:
+        reason = None
     try:
         from . import ssd_triton                    # chapter 09; needs the triton package
     except ImportError as e:
-        reason = f"the triton package is not importable ({e})"
+        reason = reason or f"the triton package is not importable ({e})"
     else:
-        reason = ssd_triton.triton_unsupported_reason(x, B, chunk_size)
+        reason = reason or ssd_triton.triton_unsupported_reason(x, B, chunk_size)
         if reason is None:
             return ssd_triton.ssd_chunked_triton
     if backend == "triton":
@@ -212,16 +279,29 @@ def _decay_matrix(a: torch.Tensor) -> torch.Tensor:
     return torch.exp(sums.masked_fill(~causal, float("-inf")))
 
 
+def _document_masks(doc, pad: int, c: int, Q: int):
+    """Where packed documents (doc (b, seqlen) from `_doc_ids`) cut the chunked form's decays, as 0/1 masks.
+
+    Returns same (b, c, Q, Q): tokens i, j of a chunk in one document (steps 1, 2); reads (b, c, Q): token i is in the
+    document of the state entering its chunk (step 4); carries (b, c): chunk k's document goes on after it (step 3)."""
+    b = doc.shape[0]
+    doc = torch.cat([doc, doc[:, -1:].expand(b, pad)], dim=1).reshape(b, c, Q)   # the padding joins the last document
+    entering = torch.cat([doc[:, :1, 0], doc[:, :-1, -1]], dim=1)     # (b, c): document of the state entering chunk k
+    same = doc[..., :, None] == doc[..., None, :]
+    return same, doc == entering[..., None], doc[..., -1] == entering
+
+# %% ../notebooks/03_ssd.ipynb #5e0a1d04
 def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None, check_values: bool = True,
-                backend: str = "auto"):
+                backend: str = "auto", seq_idx=None):
     """The SSD chunked dual form: O(seqlen * chunk_size) time, memory linear in seqlen.
 
     Shapes as `ssd_recurrent`; any seqlen and any chunk_size >= 1 (the tail chunk is zero-padded with dt = 0,
     which neither decays nor adds to the state). Returns (y (batch, seqlen, nheads, headdim),
     final_state (batch, nheads, headdim, dstate)). backend: "torch" is the code below; "triton" the fused GPU
-    kernels of chapter 09; "auto" takes Triton for CUDA tensors it supports, else this code."""
+    kernels of chapter 09; "auto" takes Triton for CUDA tensors it supports, else this code. seq_idx (batch, seqlen)
+    integers or None: packed documents, the state resets where it changes (PyTorch path only, for now)."""
     if backend != "torch":
-        fast = _fast_backend(x, B, chunk_size, backend)
+        fast = _fast_backend(x, B, chunk_size, backend, seq_idx)
         if fast is not None:
             return fast(x, dt, A, B, C, chunk_size, D, initial_state, check_values)
     batch, seqlen, nheads, headdim, ngroups, dstate = check_ssd_inputs(x, dt, A, B, C, D, initial_state,
@@ -232,6 +312,8 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None
     b, g, r, p, n, Q = batch, ngroups, nheads // ngroups, headdim, dstate, chunk_size
     pad = (-seqlen) % Q
     c = (seqlen + pad) // Q                                           # number of chunks
+    doc = _doc_ids(seq_idx, batch, seqlen, x.device)
+    masks = None if doc is None or c == 0 else [m.to(cd) for m in _document_masks(doc, pad, c, Q)]
 
     def chunks(t):  # (b, seqlen, ...) -> (b, c, Q, ...), zero padded at the end
         t = t.to(cd)
@@ -249,6 +331,8 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None
     # 1. diagonal blocks: the quadratic form inside each chunk
     CB = Cc @ Bc.transpose(-1, -2)                                    # (b, g, c, Q, Q), once per group
     L = _decay_matrix(a)                                              # (b, g, c, r, Q, Q): [i, j] = exp(a_{j+1} + ... + a_i)
+    if masks:                                                         # no decay across a document start
+        L = L * masks[0][:, None, :, None]
     y = (L * CB[:, :, :, None]) @ xdt                                 # (b, g, c, r, Q, p)
 
     # 2. chunk states: what each chunk leaves behind, starting from zero
@@ -258,6 +342,8 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None
 
     # 3. state passing: h_{k+1} = Lambda_k h_k + s_k, a recurrence over chunks only
     chunk_decay = torch.exp(a.sum(-1))                                # (b, g, c, r)
+    if masks:                                                         # a document that ends inside chunk k ends its state
+        chunk_decay = chunk_decay * masks[2][:, None, :, None]
     h = (torch.zeros(b, g, r, p, n, dtype=cd, device=x.device) if initial_state is None
          else initial_state.to(cd).reshape(b, g, r, p, n))
     entering = []
@@ -269,6 +355,8 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None
     # 4. state to output: each token reads the state that entered its chunk, decayed up to itself
     y_off = Cc @ entering.permute(0, 1, 2, 5, 3, 4).reshape(b, g, c, n, r * p)   # (b, g, c, Q, r*p)
     decay_in = L[..., :, 0] * torch.exp(a[..., :1])                  # exp(a_0 + ... + a_i): L's first column, times e^{a_0}
+    if masks:                                                         # only the entering state's document reads it
+        decay_in = decay_in * masks[1][:, None, :, None]
     y = y + y_off.reshape(b, g, c, Q, r, p).transpose(3, 4) * decay_in[..., None]
 
     y = y.permute(0, 2, 4, 1, 3, 5).reshape(b, c * Q, nheads, p)[:, :seqlen]   # back to (b, seqlen, h, p)
@@ -352,23 +440,29 @@ class PeakTensorMemory(TorchDispatchMode):
         return out
 
 
+def _random_inputs(seqlen, dstate, nheads, headdim, ngroups=1, batch=1, dtype=torch.float32, device="cpu", seed=0):
+    "Seeded SSD inputs [x, dt, A, B, C] for measuring: x, B, C in `dtype`, dt and A in float32 (float64 for float64)."
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    inputs = [r(batch, seqlen, nheads, headdim), F.softplus(r(batch, seqlen, nheads) - 2), -torch.exp(r(nheads) * 0.5),
+              r(batch, seqlen, ngroups, dstate), r(batch, seqlen, ngroups, dstate)]
+    decay_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return [t.to(device=device, dtype=dtype if i in (0, 3, 4) else decay_dtype) for i, t in enumerate(inputs)]
+
+
 def measure_ssd(form: str = "chunked", seqlen: int = 1024, chunk_size: int = 64, dstate: int = 64, nheads: int = 8,
                 headdim: int = 64, ngroups: int = 1, batch: int = 1, backward: bool = False, dtype=torch.float32,
                 device="cpu", repeats: int = 3, seed: int = 0, time_budget_s: float | None = None) -> dict:
     """Measure one SSD form ("recurrent", "quadratic" or "chunked") on random inputs of the given size.
 
     Returns {"time_s": best wall time of `repeats` runs after a warm-up (fewer once they have taken `time_budget_s`),
-    "peak_bytes": peak bytes of tensors allocated
+    "time_median_s": their median, "times_s": all of them, "peak_bytes": peak bytes of tensors allocated
     during one call (forward, or forward + backward when `backward`), "memory_method": how peak_bytes was measured}."""
     forms = dict(recurrent=ssd_recurrent, quadratic=ssd_quadratic, chunked=ssd_chunked)
     if form not in forms:
         raise ValueError(f"form must be one of {sorted(forms)}, got {form!r}")
     device = torch.device(device)
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)
-    inputs = [r(batch, seqlen, nheads, headdim), F.softplus(r(batch, seqlen, nheads) - 2), -torch.exp(r(nheads) * 0.5),
-              r(batch, seqlen, ngroups, dstate), r(batch, seqlen, ngroups, dstate)]
-    inputs = [t.to(device=device, dtype=dtype if i in (0, 3, 4) else torch.float32) for i, t in enumerate(inputs)]
+    inputs = _random_inputs(seqlen, dstate, nheads, headdim, ngroups, batch, dtype, device, seed)
     if backward:
         inputs = [t.requires_grad_() for t in inputs]
     kw = dict(chunk_size=chunk_size, backend="torch") if form == "chunked" else {}   # this chapter's code, also on a GPU
@@ -403,17 +497,28 @@ def measure_ssd(form: str = "chunked", seqlen: int = 1024, chunk_size: int = 64,
         with PeakTensorMemory() as mem:
             run()
         peak, method = mem.peak, "PeakTensorMemory (live tensor storage)"
-    return dict(time_s=min(times), peak_bytes=int(peak), memory_method=method)
+    return dict(time_s=min(times), time_median_s=sorted(times)[len(times) // 2], times_s=times, peak_bytes=int(peak),
+                memory_method=method)
 
 # %% ../notebooks/03_ssd.ipynb #3325bc7c
+def _float32_error(seqlen, chunk_size, dstate, nheads, headdim, ngroups=1) -> float:
+    "Max relative difference between `ssd_chunked` in float32 and in float64 on the same seeded inputs."
+    inputs = _random_inputs(seqlen, dstate, nheads, headdim, ngroups, dtype=torch.float64)
+    ref = ssd_chunked(*inputs, chunk_size=64, backend="torch")[0]
+    y = ssd_chunked(*(t.float() for t in inputs), chunk_size=chunk_size, backend="torch")[0]
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
+
+
 def ssd_cost_explorer(chunk_size: int = 64, dstate: int = 64, seqlen: int = 2048, nheads: int = 8, headdim: int = 64,
                       ngroups: int = 1, measure: bool = True, chunk_sizes=(8, 16, 32, 64, 128, 256),
-                      dstates=(16, 32, 64, 128, 256), repeats: int = 2) -> dict:
-    """Counted and measured cost of `ssd_chunked` around (chunk_size, dstate): the callback of chapter 03's sliders.
+                      dstates=(16, 32, 64, 128, 256), repeats: int = 3) -> dict:
+    """Counted and measured cost of `ssd_chunked` around (chunk_size, dstate), and its result: the callback of
+    chapter 03's sliders.
 
-    Draws a 2x4 figure (rows: against chunk size, against dstate; columns: counted FLOPs, counted bytes, measured time,
-    measured peak memory) and returns {"chunk_size", "dstate", "seqlen", "gflops", "mib_moved", "best_chunk_size"
-    (fewest counted FLOPs on the sweep), "time_ms", "peak_mib" (measured at the chosen point, None unless measure),
+    Draws a 2x5 figure (rows: against chunk size, against dstate; columns: counted FLOPs, counted bytes, measured time
+    (median of `repeats`), measured peak memory, float32 output's max relative difference from float64) and returns
+    {"chunk_size", "dstate", "seqlen", "gflops", "mib_moved", "best_chunk_size" (fewest counted FLOPs on the sweep),
+    "time_ms", "peak_mib" (measured at the chosen point, None unless measure), "max_rel_diff" (at the chosen point),
     "sweep": {"chunk_size": {...}, "dstate": {...}}, "figure"}."""
     import matplotlib.pyplot as plt
 
@@ -423,7 +528,7 @@ def ssd_cost_explorer(chunk_size: int = 64, dstate: int = 64, seqlen: int = 2048
     sweeps = {"chunk_size": [dict(chunk_size=q, dstate=dstate) for q in qs],
               "dstate": [dict(chunk_size=chunk_size, dstate=n) for n in ns]}
     out = dict(chunk_size=chunk_size, dstate=dstate, seqlen=seqlen, sweep={})
-    fig, axs = plt.subplots(2, 4, figsize=(16, 7))
+    fig, axs = plt.subplots(2, 5, figsize=(19, 7))
     for row, (var, points) in enumerate(sweeps.items()):
         xs = [p[var] for p in points]
         costs = [ssd_cost(**shape, **p) for p in points]
@@ -437,12 +542,15 @@ def ssd_cost_explorer(chunk_size: int = 64, dstate: int = 64, seqlen: int = 2048
             ax.set(ylabel=label, yscale="log")
         if measure:
             ms = [measure_ssd("chunked", **shape, **p, repeats=repeats) for p in points]
-            res["time_ms"] = [m["time_s"] * 1e3 for m in ms]
+            res["time_ms"] = [m["time_median_s"] * 1e3 for m in ms]
             res["peak_mib"] = [m["peak_bytes"] / 2**20 for m in ms]
             axs[row, 2].plot(xs, res["time_ms"], "o-")
             axs[row, 3].plot(xs, res["peak_mib"], "o-", label="measured")
         axs[row, 3].plot(xs, [c["chunked"]["peak_bytes"] / 2**20 for c in costs], "k--", label="estimate")
-        axs[row, 2].set(ylabel="measured time (ms)")
+        res["rel_diff"] = [_float32_error(**shape, **p) for p in points]
+        axs[row, 4].plot(xs, res["rel_diff"], "o-", color="tab:purple")
+        axs[row, 4].set(ylabel="float32 output vs float64\n(max relative difference)", yscale="log", ylim=(1e-9, 1e-3))
+        axs[row, 2].set(ylabel=f"measured time (ms, median of {repeats})")
         axs[row, 3].set(ylabel="peak memory (MiB)")
         axs[row, 3].legend(fontsize=8)
         chosen = chunk_size if var == "chunk_size" else dstate
@@ -462,5 +570,5 @@ def ssd_cost_explorer(chunk_size: int = 64, dstate: int = 64, seqlen: int = 2048
     out.update(gflops=here["chunked"]["flops"] / 1e9, mib_moved=here["chunked"]["bytes"] / 2**20,
                best_chunk_size=qs[min(range(len(qs)), key=lambda j: qsweep["gflops"][j])],
                time_ms=qsweep["time_ms"][i] if measure else None, peak_mib=qsweep["peak_mib"][i] if measure else None,
-               figure=fig)
+               max_rel_diff=qsweep["rel_diff"][i], figure=fig)
     return out

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from .hippo import discretize_zoh, init_A_log, init_dt_bias
 
 # %% auto #0
-__all__ = ['NOISE', 'MARKER', 'ssm_scan', 'ssm_kernel', 'causal_conv', 'causal_conv_fft', 'selective_scan',
-           'selective_copying_batch', 'LTISSMLayer', 'SelectiveSSMLayer', 'CopyModel', 'copying_accuracy',
-           'train_copying']
+__all__ = ['NOISE', 'MARKER', 'ssm_scan', 'ssm_kernel', 'causal_conv', 'causal_conv_fft', 'selective_scan', 'scan_combine',
+           'scan_cost', 'parallel_scan', 'selective_scan_parallel', 'selective_copying_batch', 'LTISSMLayer',
+           'SelectiveSSMLayer', 'CopyModel', 'copying_accuracy', 'train_copying']
 
 # %% ../notebooks/02_recurrent_ssm.ipynb #13086e90
 def ssm_scan(Ab: torch.Tensor, Bb: torch.Tensor, C: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -91,6 +91,59 @@ def selective_scan(x, dt, A, B, C, D=None, initial_state=None):
     if D is not None:
         y = y + D[:, None] * x
     return y, h
+
+# %% ../notebooks/02_recurrent_ssm.ipynb #a1b2c302
+def scan_combine(first, then):
+    "Compose two steps of h -> a * h + b: `first` = (a1, b1), `then` = (a2, b2) -> (a2 * a1, a2 * b1 + b2)."
+    (a1, b1), (a2, b2) = first, then
+    return a2 * a1, a2 * b1 + b2
+
+
+def scan_cost(seqlen: int) -> dict:
+    """Depth (rounds one after another) and work (combines) of the scans over `seqlen` steps.
+
+    Returns {"loop": {"depth", "combines"}, "hillis_steele": {"depth", "combines"}}."""
+    T = seqlen
+    R = math.ceil(math.log2(T)) if T > 1 else 0
+    return dict(loop=dict(depth=T, combines=T), hillis_steele=dict(depth=R, combines=R * T - 2**R + 1))
+
+
+def parallel_scan(a: torch.Tensor, b: torch.Tensor, dim: int = 1, stats: dict | None = None) -> torch.Tensor:
+    """All states h_t = a_t * h_{t-1} + b_t (h_{-1} = 0) along `dim`, in ceil(log2 T) rounds (Hillis-Steele).
+
+    a broadcasts against b (same size along dim). Returns h with b's shape. `stats`, a dict, receives the counted
+    {"depth", "combines"}."""
+    a, b = a.movedim(dim, 0), b.movedim(dim, 0)
+    T, depth, combines, d = b.shape[0], 0, 0, 1
+    while d < T:                                  # round: position t composes with t - d
+        a_new, b_new = scan_combine((a[:-d], b[:-d]), (a[d:], b[d:]))
+        a, b = torch.cat([a[:d], a_new]), torch.cat([b[:d], b_new])
+        depth, combines, d = depth + 1, combines + (T - d), 2 * d
+    if stats is not None:
+        stats.update(depth=depth, combines=combines)
+    return b.movedim(0, dim)
+
+
+def selective_scan_parallel(x, dt, A, B, C, D=None, initial_state=None):
+    """`selective_scan` computed with `parallel_scan` instead of the loop: same arguments, same (y, final_state).
+
+    x (batch, seqlen, nheads, headdim); dt (batch, seqlen, nheads); A (nheads,) or (nheads, dstate);
+    B, C (batch, seqlen, ngroups, dstate); D (nheads,) or None; initial_state (batch, nheads, headdim, dstate) or None."""
+    batch, seqlen, nheads, headdim = x.shape
+    dstate = B.shape[3]
+    Bh, Ch = (t.repeat_interleave(nheads // B.shape[2], dim=2) for t in (B, C))   # (b, l, h, n)
+    A_ = A[:, None] if A.dim() == 1 else A
+    decay = torch.exp(dt[..., None] * A_)[:, :, :, None, :]              # (b, l, h, 1, n)
+    inp = torch.einsum("blh,blhp,blhn->blhpn", dt, x, Bh)               # (b, l, h, p, n)
+    if initial_state is not None and seqlen:                             # h_0 = a_0 h_init + b_0
+        inp = torch.cat([inp[:, :1] + decay[:, :1] * initial_state[:, None], inp[:, 1:]], dim=1)
+    states = parallel_scan(decay, inp, dim=1)                           # (b, l, h, p, n)
+    y = torch.einsum("blhpn,blhn->blhp", states, Ch)
+    if D is not None:
+        y = y + D[:, None] * x
+    final = states[:, -1] if seqlen else (x.new_zeros(batch, nheads, headdim, dstate) if initial_state is None
+                                           else initial_state)
+    return y, final
 
 # %% ../notebooks/02_recurrent_ssm.ipynb #b9298cc2
 NOISE, MARKER = 0, 1

@@ -552,3 +552,83 @@ def test_cli_subprocess_prompt_interactive_and_errors(tiny_run, tmp_path):
     r = _snakes(["generate", "--run", str(tmp_path / "missing"), "--prompt", "x"])
     assert r.returncode == 2 and "does not exist" in r.stderr and "snakes train" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Left-padded batched prefill (dt = 0 on the pads) == each prompt alone; the sampling widget's callback
+# ---------------------------------------------------------------------------------------------------------------
+from snakes_lib.generate import prefill_left_padded, prefill_one_by_one, sampling_explorer
+
+
+def _tiny_mamba(dtype, seed=0, ngroups=1):
+    from snakes_lib.model import Mamba2Config, Mamba2LM
+    torch.manual_seed(seed)
+    cfg = Mamba2Config(d_model=32, n_layer=2, vocab_size=50, d_state=8, headdim=8, ngroups=ngroups, chunk_size=8)
+    return Mamba2LM(cfg).to(dtype).eval()
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_left_padded_prefill_equals_each_prompt_alone(seed, dtype, tol):
+    model = _tiny_mamba(dtype, seed, ngroups=1 + seed % 2)
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1, 2, 3, 7, 8, 9, 17, 31][: 3 + 2 * seed]               # shorter and longer than d_conv and the chunk
+    prompts = [torch.randint(0, 50, (n,), generator=g).tolist() for n in lengths]
+    lp_logits, lp_cache = prefill_left_padded(model, prompts, pad_id=int(torch.randint(0, 50, (1,), generator=g)))
+    ob_logits, ob_cache = prefill_one_by_one(model, prompts)
+    assert lp_logits.shape == (len(prompts), 50) and _rel(lp_logits, ob_logits) <= tol
+    for a, b in zip(lp_cache.ssm_states, ob_cache.ssm_states):
+        assert _rel(a, b) <= tol
+    for a, b in zip(lp_cache.conv_states, ob_cache.conv_states):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    # greedy continuation from each cache: identical tokens, close logits
+    za, zb, toks_a, toks_b = lp_logits, ob_logits, [], []
+    with torch.no_grad():
+        for _ in range(6):
+            ta, tb = za.argmax(-1), zb.argmax(-1)
+            toks_a.append(ta.tolist()); toks_b.append(tb.tolist())
+            za, zb = model.step(ta, lp_cache), model.step(tb, ob_cache)
+    assert toks_a == toks_b and _rel(za, zb) <= tol
+    # and each row equals a plain forward over its prompt alone
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            assert _rel(lp_logits[i], model(torch.tensor([p]))[0, -1]) <= tol
+    # the model is left as it was: no hooks, the class's own _ssm_params
+    assert all(not blk.mixer.in_proj._forward_hooks and "_ssm_params" not in vars(blk.mixer) for blk in model.backbone.layers)
+
+
+def test_plain_padding_would_differ_and_errors():
+    model = _tiny_mamba(torch.float64)
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    lp, _ = prefill_left_padded(model, prompts)
+    with torch.no_grad():
+        naive = model(torch.tensor([[0] * 7 + prompts[0], prompts[1]]))[:, -1]     # pads fed in as tokens
+    assert _rel(naive[0], lp[0]) > 1e-6 and _rel(naive[1], lp[1]) < 1e-12
+    with pytest.raises(ValueError, match="at least one token"):
+        prefill_left_padded(model, [[1], []])
+    with pytest.raises(TypeError, match="needs a Mamba2LM"):
+        prefill_left_padded(FakeLM(), [[1, 2]])
+
+
+def test_sampling_explorer_callback():
+    logits = torch.log(torch.tensor([0.40, 0.25, 0.15, 0.10, 0.06, 0.04]))
+    full = sampling_explorer(logits, temperature=1.0, draw=False)
+    assert full["kept"] == 6 and abs(full["entropy_bits"] - float(-(full["raw"] * full["raw"].log2()).sum())) < 1e-5
+    assert full["shown"] == [0, 1, 2, 3, 4, 5] and full["figure"] is None
+    assert sampling_explorer(logits, temperature=0, draw=False)["kept"] == 1
+    k3 = sampling_explorer(logits, temperature=1.0, top_k=3, draw=False)
+    assert k3["kept"] == 3 and abs(k3["probs"][:3].sum().item() - 1) < 1e-6
+    p = sampling_explorer(logits, temperature=1.0, top_p=0.5, draw=False)
+    assert p["kept"] == 2 and p["entropy_bits"] < k3["entropy_bits"] < full["entropy_bits"]
+    hot = sampling_explorer(logits, temperature=2.0, draw=False)
+    assert hot["entropy_bits"] > full["entropy_bits"] and hot["top_prob"] < full["top_prob"]
+    drawn = sampling_explorer(logits, top_k=2, labels=lambda i: f"t{i}", n_show=4)
+    assert drawn["figure"] is not None and [t.get_text() for t in drawn["figure"].axes[0].get_xticklabels()] == ["t0", "t1", "t2", "t3"]
+    import matplotlib.pyplot as plt
+    plt.close(drawn["figure"])
+    with pytest.raises(ValueError, match="one vector"):
+        sampling_explorer(logits[None])

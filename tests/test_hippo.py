@@ -208,3 +208,53 @@ def test_init_dt_bias_floor_and_determinism():
         init_dt_bias(4, dt_min=0.1, dt_max=0.01)
     with pytest.raises(ValueError, match="nheads"):
         init_dt_bias(0)
+
+
+# ----------------------------------------------------------------------------------------------- the explorer widget
+from snakes_lib.hippo import HIPPO_SIGNALS, hippo_explorer, hippo_signal
+
+
+@pytest.mark.parametrize("kind", HIPPO_SIGNALS)
+def test_hippo_signal_shapes_and_determinism(kind):
+    t, f = hippo_signal(kind, L=101, seed=3)
+    assert t.shape == f.shape == (101,) and f.dtype == torch.float64 and torch.isfinite(f).all()
+    assert torch.equal(f, hippo_signal(kind, L=101, seed=3)[1])
+    assert 0 < t.min() and t.max() < 1
+
+
+def test_hippo_explorer_callback():
+    small, big = hippo_explorer(4, "smooth", L=400, draw=False), hippo_explorer(32, "smooth", L=400, draw=False)
+    assert small["figure"] is None and small["reconstruction"].shape == (400,)
+    assert big["rmse"] < small["rmse"] and big["max_error"] < small["max_error"]
+    # the returned numbers are those of the reconstruction it returns
+    t, f = hippo_signal("smooth", L=400)
+    torch.testing.assert_close(big["reconstruction"], hippo_legs_reconstruct(hippo_legs_online(f, 32)[-1], t))
+    assert abs(big["rmse"] - (big["reconstruction"] - f).pow(2).mean().sqrt().item()) < 1e-12
+    drawn = hippo_explorer(8, "square wave", L=300)
+    assert drawn["figure"] is not None and len(drawn["figure"].axes) == 2 and drawn["signal"] == "square wave"
+    import matplotlib.pyplot as plt
+    plt.close(drawn["figure"])
+
+
+@pytest.mark.parametrize("kw, pattern", [(dict(signal="sine"), r"signal must be one of"), (dict(N=0), r"N must be a positive integer"),
+                                         (dict(N=2.5), r"N must be a positive integer")])
+def test_hippo_explorer_errors(kw, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        hippo_explorer(**{"N": 4, **kw}, draw=False)
+
+
+def test_widget_bundle_has_the_view_and_a_picture():
+    import base64
+
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    from snakes_lib.hippo import widget_bundle
+    w = widgets.interactive(lambda N=4: hippo_explorer(N, L=50), N=widgets.IntSlider(value=4, min=1, max=8))
+    fig = w.result["figure"]
+    bundle = widget_bundle(w, fig)
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == w.model_id
+    assert base64.b64decode(bundle["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "run the notebook" in bundle["text/plain"] and "interactive(" not in bundle["text/plain"]
+    assert "image/png" not in widget_bundle(w)                       # no figure, no picture
+    plt.close(fig)

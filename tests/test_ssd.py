@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from snakes_lib.ssd import (PeakTensorMemory, check_ssd_inputs, measure_ssd, segsum, semiseparable_matrix, ssd_chunked,
-                            ssd_cost, ssd_cost_explorer, ssd_quadratic, ssd_recurrent, ssd_step)
+                            ssd_cost, ssd_cost_explorer, ssd_minimal, ssd_quadratic, ssd_recurrent, ssd_step)
 
 
 def make_inputs(batch=2, seqlen=37, nheads=4, headdim=8, ngroups=2, dstate=16, dtype=torch.float64, seed=0, dt_scale=1.0):
@@ -314,14 +314,23 @@ def test_cost_explorer_callback():
         assert res["gflops"] == pytest.approx(ssd_cost(256, 24, 32, 2, 8)["chunked"]["flops"] / 1e9)
         assert res["best_chunk_size"] in (8, 16, 24, 64)
         assert res["time_ms"] > 0 and res["peak_mib"] > 0
-        assert len(res["figure"].axes) == 8
+        assert len(res["figure"].axes) == 10
+        # the chunk size changes the cost, never the result: float32 stays within rounding of float64 on every point
+        assert all(d < 1e-5 for v in ("chunk_size", "dstate") for d in res["sweep"][v]["rel_diff"])
+        assert res["max_rel_diff"] == res["sweep"]["chunk_size"]["rel_diff"][2]
         g = res["sweep"]["dstate"]["gflops"]
         assert g[0] < g[1] < g[2]                                          # more state, more work
     finally:
         plt.close(res["figure"])
     res = ssd_cost_explorer(chunk_size=16, dstate=16, seqlen=128, nheads=2, headdim=8, measure=False)
-    assert res["time_ms"] is None and res["peak_mib"] is None
+    assert res["time_ms"] is None and res["peak_mib"] is None and res["max_rel_diff"] < 1e-5
     plt.close(res["figure"])
+
+
+def test_measure_ssd_reports_every_run_and_the_median():
+    m = measure_ssd("chunked", seqlen=64, chunk_size=16, dstate=8, nheads=2, headdim=4, repeats=3)
+    assert len(m["times_s"]) == 3 and m["time_s"] == min(m["times_s"])
+    assert m["time_median_s"] == sorted(m["times_s"])[1]
 
 
 def test_check_values_false_skips_only_the_value_check():
@@ -380,3 +389,177 @@ def test_chunked_scans_only_inside_segsum_on_gpu_devices():
     for n in scans:
         shape = n.args[0].meta["val"].shape
         assert len(shape) == 6 and shape[-1] == shape[-2] == 16, shape
+
+
+# ----------------------------------------------------------------------------------------------- packed documents
+def _one_by_one(x, dt, A, B, C, D, h0, splits):
+    "Each document of each row run alone (the first with the row's initial state, if any); the last one's final state."
+    ys, finals = [], []
+    for b, lengths in enumerate(splits):
+        start, parts = 0, []
+        for k, n in enumerate(lengths):
+            p = slice(start, start + n)
+            h = None if h0 is None or k else h0[b:b + 1]
+            y_d, s_d = ssd_recurrent(x[b:b + 1, p], dt[b:b + 1, p], A, B[b:b + 1, p], C[b:b + 1, p], D=D, initial_state=h)
+            parts.append(y_d)
+            start += n
+        ys.append(torch.cat(parts, 1))
+        finals.append(s_d)
+    return torch.cat(ys), torch.cat(finals)
+
+
+def _seq_idx(splits, labels=None):
+    "(batch, seqlen) document labels from per-row lengths; `labels` maps document k to its label (default k)."
+    rows = []
+    for lengths in splits:
+        lab = torch.tensor([labels(k) if labels else k for k in range(len(lengths))])
+        rows.append(torch.repeat_interleave(lab, torch.tensor(lengths)))
+    return torch.stack(rows)
+
+
+packed = st.fixed_dictionaries(dict(
+    batch=st.integers(1, 3),
+    seqlen=st.sampled_from([1, 2, 7, 13, 37, 64, 97]),
+    chunk_size=st.sampled_from([1, 3, 5, 8, 16, 64, 100]),
+    ngroups=st.sampled_from([1, 2]),
+    heads_per_group=st.integers(1, 2),
+    headdim=st.sampled_from([1, 3]),
+    dstate=st.sampled_from([1, 4, 8]),
+    use_D=st.booleans(),
+    use_h0=st.booleans(),
+    seed=st.integers(0, 10_000),
+))
+
+
+def _random_splits(batch, seqlen, seed):
+    "Random document lengths per row summing to seqlen (some of length 1, some across several chunks)."
+    g = torch.Generator().manual_seed(seed)
+    splits = []
+    for _ in range(batch):
+        ncuts = int(torch.randint(0, min(seqlen, 6), (1,), generator=g))
+        cuts = sorted(set(torch.randint(1, seqlen, (ncuts,), generator=g).tolist())) if seqlen > 1 else []
+        bounds = [0] + cuts + [seqlen]
+        splits.append([b - a for a, b in zip(bounds, bounds[1:])])
+    return splits
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(packed)
+def test_packed_documents_equal_one_by_one_float64(s):
+    nheads = s["ngroups"] * s["heads_per_group"]
+    x, dt, A, B, C, D, h0 = make_inputs(s["batch"], s["seqlen"], nheads, s["headdim"], s["ngroups"], s["dstate"],
+                                        seed=s["seed"])
+    D = D if s["use_D"] else None
+    h0 = h0 if s["use_h0"] else None
+    splits = _random_splits(s["batch"], s["seqlen"], s["seed"])
+    seq_idx = _seq_idx(splits, labels=lambda k: (5 * k + 3) % 4)   # labels need not count up, only change
+    y_ref, s_ref = _one_by_one(x, dt, A, B, C, D, h0, splits)
+    for y, st_ in (ssd_recurrent(x, dt, A, B, C, D=D, initial_state=h0, seq_idx=seq_idx),
+                   ssd_quadratic(x, dt, A, B, C, D=D, initial_state=h0, seq_idx=seq_idx),
+                   ssd_chunked(x, dt, A, B, C, chunk_size=s["chunk_size"], D=D, initial_state=h0, seq_idx=seq_idx)):
+        assert y.shape == x.shape and y.dtype == torch.float64
+        assert rel(y, y_ref) <= 1e-10 and rel(st_, s_ref) <= 1e-10
+
+
+@pytest.mark.parametrize("chunk_size", [4, 8, 9])
+def test_packed_documents_float32_and_gradients(chunk_size):
+    # starts inside chunks (5, 21) and on chunk boundaries (8, 16 for chunk size 4 and 8), one-token documents
+    splits = [[5, 3, 8, 5, 19], [8, 8, 1, 1, 22]]
+    x, dt, A, B, C, D, h0 = make_inputs(batch=2, seqlen=40, nheads=4, headdim=3, ngroups=2, dstate=5, seed=chunk_size)
+    seq_idx = _seq_idx(splits)
+    y_ref, s_ref = _one_by_one(x, dt, A, B, C, D, h0, splits)
+    f32 = [t.float() for t in (x, dt, A, B, C, D, h0)]
+    y32, s32 = ssd_chunked(*f32[:5], chunk_size=chunk_size, D=f32[5], initial_state=f32[6], seq_idx=seq_idx)
+    assert y32.dtype == torch.float32 and rel(y32, y_ref) <= 1e-4 and rel(s32, s_ref) <= 1e-4
+    g = torch.Generator().manual_seed(1)
+    wy, ws = torch.randn(x.shape, generator=g, dtype=torch.float64), torch.randn(s_ref.shape, generator=g, dtype=torch.float64)
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, dt, A, B, C, D, h0)]
+        y, s = fn(*leaves)
+        ((y * wy).sum() + (s * ws).sum()).backward()
+        return [t.grad for t in leaves]
+
+    ref = grads(lambda *t: _one_by_one(*t, splits))
+    got = grads(lambda *t: ssd_chunked(*t[:5], chunk_size=chunk_size, D=t[5], initial_state=t[6], seq_idx=seq_idx))
+    for name, g_ref, g_got in zip(("x", "dt", "A", "B", "C", "D", "initial_state"), ref, got):
+        assert rel(g_got, g_ref) <= 1e-10, name
+
+
+def test_seq_idx_one_document_changes_nothing_and_no_state_leaks():
+    x, dt, A, B, C, D, h0 = make_inputs()
+    one = torch.full(x.shape[:2], 3, dtype=torch.int32)
+    for fn in (ssd_recurrent, ssd_quadratic, lambda *a, **k: ssd_chunked(*a, chunk_size=8, **k)):
+        y0, s0 = fn(x, dt, A, B, C, D=D, initial_state=h0)
+        y1, s1 = fn(x, dt, A, B, C, D=D, initial_state=h0, seq_idx=one)
+        assert rel(y1, y0) <= 1e-12 and rel(s1, s0) <= 1e-12
+    # a second document: its outputs do not depend on the first document's inputs at all
+    seq_idx = _seq_idx([[20, 17], [20, 17]])
+    x2 = x.clone()
+    x2[:, :20] += 1.0
+    ya, _ = ssd_chunked(x, dt, A, B, C, chunk_size=8, seq_idx=seq_idx)
+    yb, _ = ssd_chunked(x2, dt, A, B, C, chunk_size=8, seq_idx=seq_idx)
+    assert torch.equal(ya[:, 20:], yb[:, 20:]) and rel(ya[:, :20], yb[:, :20]) > 1e-3
+
+
+@pytest.mark.parametrize("seq_idx, pattern", [
+    (torch.zeros(2, 4, dtype=torch.long), r"seq_idx must be \(batch, seqlen\) = \(2, 5\) to match x, got \(2, 4\)"),
+    (torch.zeros(2, 5), r"seq_idx must be an integer tensor"),
+    (torch.zeros(2, 5, dtype=torch.bool), r"seq_idx must be an integer tensor"),
+    ([[0] * 5] * 2, r"seq_idx must be an integer tensor"),
+])
+def test_bad_seq_idx(seq_idx, pattern):
+    for fn in (ssd_recurrent, ssd_quadratic, ssd_chunked):
+        with pytest.raises(ValueError, match=pattern):
+            fn(**good(), seq_idx=seq_idx)
+
+
+def test_seq_idx_backends():
+    x, dt, A, B, C, D, h0 = make_inputs()
+    seq_idx = _seq_idx([[20, 17], [3, 34]])
+    ya, _ = ssd_chunked(x, dt, A, B, C, chunk_size=8, seq_idx=seq_idx)                  # "auto": the PyTorch path
+    yt, _ = ssd_chunked(x, dt, A, B, C, chunk_size=8, seq_idx=seq_idx, backend="torch")
+    assert torch.equal(ya, yt)
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run this call: seq_idx"):
+        ssd_chunked(x, dt, A, B, C, chunk_size=16, seq_idx=seq_idx, backend="triton")
+
+
+
+# ----------------------------------------------------------------------------------------------- minimal form, A = 0
+minimal_shapes = st.fixed_dictionaries(dict(
+    batch=st.integers(1, 2), nchunks=st.integers(1, 5), chunk_size=st.sampled_from([1, 2, 3, 8, 13]),
+    ngroups=st.sampled_from([1, 2]), heads_per_group=st.integers(1, 2), headdim=st.sampled_from([1, 3]),
+    dstate=st.sampled_from([1, 5]), use_h0=st.booleans(), seed=st.integers(0, 10_000)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(minimal_shapes)
+def test_minimal_form_both_state_passings_equal_recurrent(s):
+    nheads = s["ngroups"] * s["heads_per_group"]
+    x, dt, A, B, C, _, h0 = make_inputs(s["batch"], s["nchunks"] * s["chunk_size"], nheads, s["headdim"], s["ngroups"],
+                                        s["dstate"], seed=s["seed"])
+    h0 = h0 if s["use_h0"] else None
+    y_r, s_r = ssd_recurrent(x, dt, A, B, C, initial_state=h0)
+    for passing in ("loop", "matrix"):
+        y_m, s_m = ssd_minimal(x, dt, A, B, C, s["chunk_size"], initial_state=h0, passing=passing)
+        assert y_m.shape == x.shape and rel(y_m, y_r) <= 1e-10 and rel(s_m, s_r) <= 1e-10, passing
+
+
+def test_minimal_form_refuses_ragged_length_and_unknown_passing():
+    x, dt, A, B, C, _, _ = make_inputs(seqlen=10)
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        ssd_minimal(x, dt, A, B, C, 4)
+    with pytest.raises(ValueError, match="passing 'loop' or 'matrix'"):
+        ssd_minimal(x, dt, A, B, C, 5, passing="scan")
+
+
+@pytest.mark.parametrize("seqlen, chunk_size", [(1, 1), (17, 4), (37, 8), (64, 64)])
+def test_A_zero_is_causal_linear_attention(seqlen, chunk_size):
+    x, dt, A, B, C, _, _ = make_inputs(seqlen=seqlen, nheads=4, ngroups=2)
+    A0 = torch.zeros_like(A)
+    q, k = (t.repeat_interleave(2, dim=2).transpose(1, 2) for t in (C, B))
+    v = (x * dt[..., None]).transpose(1, 2)
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool).tril()
+    y_att = ((q @ k.transpose(-1, -2)).masked_fill(~causal, 0) @ v).transpose(1, 2)
+    for y, _ in (ssd_recurrent(x, dt, A0, B, C), ssd_quadratic(x, dt, A0, B, C), ssd_chunked(x, dt, A0, B, C, chunk_size=chunk_size)):
+        assert rel(y, y_att) <= 1e-10

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from snakes_lib.hippo import discretize_zoh, make_hippo_legs
 from snakes_lib.ssm import (MARKER, NOISE, CopyModel, LTISSMLayer, SelectiveSSMLayer, causal_conv, causal_conv_fft,
-                            copying_accuracy, selective_copying_batch, selective_scan, ssm_kernel, ssm_scan,
-                            train_copying)
+                            copying_accuracy, parallel_scan, scan_combine, scan_cost, selective_copying_batch,
+                            selective_scan, selective_scan_parallel, ssm_kernel, ssm_scan, train_copying)
 
 f64 = torch.float64
 
@@ -182,3 +182,53 @@ def test_copying_accuracy():
     targets = torch.tensor([[-100, 3, 4], [-100, -100, 2]])
     logits = F.one_hot(torch.tensor([[0, 3, 5], [1, 1, 2]]), 6).float()
     assert copying_accuracy(logits, targets) == pytest.approx(2 / 3)
+
+
+# ----------------------------------------------------------------------------------------------- parallel scan
+@pytest.mark.parametrize("seed", range(8))
+def test_parallel_scan_equals_loop_random_shapes(seed):
+    g = torch.Generator().manual_seed(seed)
+    ri = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))
+    ngroups = ri(1, 3)
+    b, l, h, p, n = ri(1, 3), [0, 1, 2, 3, 7, 31, 33, 64, 97][seed % 9 if seed < 8 else 0], ngroups * ri(1, 3), ri(1, 4), ri(1, 6)
+    x = torch.randn(b, l, h, p, generator=g, dtype=f64)
+    dt = F.softplus(torch.randn(b, l, h, generator=g, dtype=f64))
+    B, C = torch.randn(b, l, ngroups, n, generator=g, dtype=f64), torch.randn(b, l, ngroups, n, generator=g, dtype=f64)
+    D = torch.randn(h, generator=g, dtype=f64) if seed % 2 else None
+    h0 = torch.randn(b, h, p, n, generator=g, dtype=f64) if seed % 3 else None
+    for A in (-torch.exp(torch.randn(h, generator=g, dtype=f64)), -torch.exp(torch.randn(h, n, generator=g, dtype=f64))):
+        y_loop, s_loop = selective_scan(x, dt, A, B, C, D=D, initial_state=h0)
+        y_par, s_par = selective_scan_parallel(x, dt, A, B, C, D=D, initial_state=h0)
+        assert y_par.shape == y_loop.shape and s_par.shape == s_loop.shape
+        torch.testing.assert_close(y_par, y_loop, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(s_par, s_loop, rtol=1e-12, atol=1e-12)
+
+
+def test_parallel_scan_float32_and_gradients():
+    g = torch.Generator().manual_seed(0)
+    a, bb = torch.rand(3, 45, 2, generator=g, dtype=f64), torch.randn(3, 45, 2, generator=g, dtype=f64)
+    h, ref = torch.zeros(3, 2, dtype=f64), []
+    for t in range(45):
+        h = a[:, t] * h + bb[:, t]
+        ref.append(h)
+    ref = torch.stack(ref, 1)
+    torch.testing.assert_close(parallel_scan(a, bb, dim=1), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(parallel_scan(a.float(), bb.float(), dim=1).double(), ref, rtol=1e-5, atol=1e-5)
+    # along another dim, and gradients through it
+    torch.testing.assert_close(parallel_scan(a.transpose(0, 1), bb.transpose(0, 1), dim=0), ref.transpose(0, 1))
+    assert torch.autograd.gradcheck(lambda a_, b_: parallel_scan(a_, b_, dim=1),
+                                    (a[:, :9].clone().requires_grad_(), bb[:, :9].clone().requires_grad_()))
+
+
+def test_scan_combine_is_associative_and_cost_is_counted():
+    g = torch.Generator().manual_seed(1)
+    s1, s2, s3 = [(torch.rand(4, generator=g, dtype=f64), torch.randn(4, generator=g, dtype=f64)) for _ in range(3)]
+    left, right = scan_combine(scan_combine(s1, s2), s3), scan_combine(s1, scan_combine(s2, s3))
+    torch.testing.assert_close(left, right)
+    for T in (0, 1, 2, 3, 4, 5, 17, 64, 100, 1024, 1025):
+        stats = {}
+        parallel_scan(torch.rand(T, 1), torch.randn(T, 1), dim=0, stats=stats)
+        assert stats == scan_cost(T)["hillis_steele"], T
+        assert scan_cost(T)["loop"] == dict(depth=T, combines=T)
+    assert scan_cost(1024)["hillis_steele"] == dict(depth=10, combines=9217)
+    assert scan_cost(1025)["hillis_steele"]["depth"] == 11
