@@ -28,7 +28,7 @@ __all__ = ['TEXT_EXTENSIONS', 'PDF_EXTENSIONS', 'MAX_DOCUMENT_BYTES', 'CACHE_FOR
            'SkippedFile', 'decode_text', 'iter_documents', 'load_documents', 'corpus_fingerprint', 'TokenData',
            'prepare_data', 'train_tokenizer_for', 'random_batch', 'sequential_batches']
 
-# %% ../notebooks/04c_data.ipynb #35544033
+# %% ../notebooks/04c_data.ipynb #34fec45b
 TEXT_EXTENSIONS = frozenset("""
 .txt .text .md .markdown .rst .org .tex .adoc
 .py .pyi .js .mjs .ts .tsx .jsx .java .kt .scala .c .h .cc .cpp .cxx .hpp .hh .cs .go .rs .rb .php .pl .swift
@@ -71,7 +71,7 @@ def decode_text(data: bytes) -> str:
         raise ValueError("binary file (contains NUL bytes)")
     return data.decode("utf-8")
 
-
+# %% ../notebooks/04c_data.ipynb #2c04290f
 def _read_pdf(path: Path) -> str:
     try:
         import pypdf
@@ -125,7 +125,7 @@ def _iter_files(root: Path, include, exclude, all_files: bool = False,
                 continue
             yield f, rel
 
-
+# %% ../notebooks/04c_data.ipynb #abe72430
 def _hf_texts(spec: str, text_column: str | None = None) -> Iterator[tuple[str, str]]:
     "Yield (id, text) for every row of a Hugging Face dataset ('hf:NAME[:SPLIT]' or a save_to_disk folder)."
     try:
@@ -188,7 +188,7 @@ def _iter_pieces(f: Path, max_bytes: int) -> Iterator[str]:
         if carry:
             yield carry
 
-
+# %% ../notebooks/04c_data.ipynb #fa6ada6a
 def iter_documents(paths, include=None, exclude=None, skipped: list | None = None,
                    text_column: str | None = None, max_document_bytes: int = MAX_DOCUMENT_BYTES) -> Iterator[Document]:
     """Stream documents from files, folders (recursive), `hf:NAME` or `datasets` folders, one at a time.
@@ -241,7 +241,7 @@ def _looks_utf8(f: Path) -> bool:
         head = fh.read(4)
     return not head.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff"))
 
-
+# %% ../notebooks/04c_data.ipynb #68f1b610
 def _warn_skipped(skipped: list[SkippedFile]) -> None:
     if skipped:
         lines = "\n".join(f"  {s.path}: {s.reason}" for s in skipped[:20])
@@ -281,7 +281,7 @@ def _empty_message(paths, include, exclude, skipped) -> str:
             "for other text files, or leave the data path out to train on the bundled corpus.")
     return msg
 
-# %% ../notebooks/04c_data.ipynb #87919457
+# %% ../notebooks/04c_data.ipynb #7e5116bb
 CACHE_FORMAT_VERSION = 1
 
 
@@ -323,7 +323,7 @@ def _open_tokens(path: Path, dtype, count: int) -> np.ndarray:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
 
-
+# %% ../notebooks/04c_data.ipynb #be7997ad
 @dataclass
 class TokenData:
     """Tokenized corpus: `train` and `val` are 1-D arrays (memmaps) of token ids, documents separated by eos."""
@@ -383,39 +383,7 @@ class _SplitWriter:
         self.flush()
         self.f.close()
 
-
-def prepare_data(paths, tokenizer: SnakesTokenizer, cache_dir, val_fraction: float = 0.05, seed: int = 0,
-                 include=None, exclude=None, max_buffer_tokens: int = 1 << 22, text_column: str | None = None,
-                 progress: bool = True, max_document_bytes: int = MAX_DOCUMENT_BYTES) -> TokenData:
-    """Tokenize `paths` once into a memory-mapped cache under `cache_dir` (reused when corpus and tokenizer match).
-
-    Streams: documents are read one at a time and at most ~`max_buffer_tokens` ids are held in memory (files larger
-    than `max_document_bytes` are read in pieces, see `iter_documents`). Exact duplicate documents are dropped; each remaining document goes wholly to
-    train or val (hash-based, see `_val_score`). With a single document, its tokens are split at 1 - val_fraction
-    instead, with a warning. Raises `EmptyDataError` when nothing usable is found.
-    Returns TokenData with `.train`, `.val`: (n_tokens,) uint16/uint32 memmaps."""
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    paths = _as_list(paths)
-    if not paths:
-        raise EmptyDataError("No data paths given: pass a folder of text files, or use bundled_corpus_dir().")
-    cfp = corpus_fingerprint(paths, include, exclude, val_fraction=val_fraction, seed=seed, text_column=text_column,
-                             max_document_bytes=max_document_bytes)
-    tfp = tokenizer.fingerprint
-    cache_dir = Path(cache_dir)
-    target = cache_dir / f"tokens-{cfp}-{tfp}"
-    if (target / "meta.json").is_file():
-        return TokenData.load(target, tokenizer)
-
-    with staging_dir(cache_dir, prefix=".tokens-") as tmp:
-        meta = _build_cache(paths, tokenizer, tmp, val_fraction, seed, include, exclude, max_buffer_tokens,
-                            text_column, progress, max_document_bytes)
-        meta.update(corpus_fingerprint=cfp, tokenizer_fingerprint=tfp)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        publish_dir(tmp, target, keep_existing=lambda p: (p / "meta.json").is_file())
-    return TokenData.load(target, tokenizer)
-
-
+# %% ../notebooks/04c_data.ipynb #5bc7093d
 def _build_cache(paths, tokenizer, out: Path, val_fraction, seed, include, exclude, max_buffer_tokens,
                  text_column, progress, max_document_bytes) -> dict:
     dtype = _token_dtype(tokenizer.vocab_size)
@@ -481,6 +449,38 @@ def _build_cache(paths, tokenizer, out: Path, val_fraction, seed, include, exclu
                 duplicates_dropped=n_dup, skipped=[[s.path, s.reason] for s in skipped],
                 sources=[os.fspath(p) for p in paths], val_fraction=val_fraction, seed=seed,
                 include=include, exclude=exclude, flushes=train.flushes + val.flushes)
+
+# %% ../notebooks/04c_data.ipynb #096bb9e4
+def prepare_data(paths, tokenizer: SnakesTokenizer, cache_dir, val_fraction: float = 0.05, seed: int = 0,
+                 include=None, exclude=None, max_buffer_tokens: int = 1 << 22, text_column: str | None = None,
+                 progress: bool = True, max_document_bytes: int = MAX_DOCUMENT_BYTES) -> TokenData:
+    """Tokenize `paths` once into a memory-mapped cache under `cache_dir` (reused when corpus and tokenizer match).
+
+    Streams: documents are read one at a time and at most ~`max_buffer_tokens` ids are held in memory (files larger
+    than `max_document_bytes` are read in pieces, see `iter_documents`). Exact duplicate documents are dropped; each remaining document goes wholly to
+    train or val (hash-based, see `_val_score`). With a single document, its tokens are split at 1 - val_fraction
+    instead, with a warning. Raises `EmptyDataError` when nothing usable is found.
+    Returns TokenData with `.train`, `.val`: (n_tokens,) uint16/uint32 memmaps."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    paths = _as_list(paths)
+    if not paths:
+        raise EmptyDataError("No data paths given: pass a folder of text files, or use bundled_corpus_dir().")
+    cfp = corpus_fingerprint(paths, include, exclude, val_fraction=val_fraction, seed=seed, text_column=text_column,
+                             max_document_bytes=max_document_bytes)
+    tfp = tokenizer.fingerprint
+    cache_dir = Path(cache_dir)
+    target = cache_dir / f"tokens-{cfp}-{tfp}"
+    if (target / "meta.json").is_file():
+        return TokenData.load(target, tokenizer)
+
+    with staging_dir(cache_dir, prefix=".tokens-") as tmp:
+        meta = _build_cache(paths, tokenizer, tmp, val_fraction, seed, include, exclude, max_buffer_tokens,
+                            text_column, progress, max_document_bytes)
+        meta.update(corpus_fingerprint=cfp, tokenizer_fingerprint=tfp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        publish_dir(tmp, target, keep_existing=lambda p: (p / "meta.json").is_file())
+    return TokenData.load(target, tokenizer)
 
 
 def train_tokenizer_for(paths, vocab_size: int = 4096, include=None, exclude=None, max_chars: int | None = None,

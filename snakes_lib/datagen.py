@@ -157,7 +157,7 @@ def check_server(client, model: str, host: str) -> None:
         raise ModelNotFoundError(f"Model {model!r} is not available on the Ollama server at {host} (it has: {have}). "
                                  f"Pull it with `ollama pull {model}`, or pass --model with one of those.")
 
-
+# %% ../notebooks/04d_datagen.ipynb #4f60d01b
 def _is_retryable(e: BaseException) -> bool:
     import httpx
     ollama = _import_ollama()
@@ -213,7 +213,7 @@ class GenerationReport:
 
 NEAR_DUP_SUFFIX = ".near-duplicate"
 
-
+# %% ../notebooks/04d_datagen.ipynb #e88dcde1
 def generate_dataset(topics, out_dir, template: str = "encyclopedia", model: str = DEFAULT_MODEL,
                      host: str = DEFAULT_HOST, concurrency: int = 2, retries: int = 4, backoff: float = 1.0,
                      options: dict | None = None, stream: bool = True, near_duplicate_threshold: float = 0.5,
