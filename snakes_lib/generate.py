@@ -8,8 +8,10 @@ Docs: https://github.com/snakes-course/snakes/generate.html.md"""
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,6 +235,22 @@ def load_for_generation(run_dir: str | Path, device: str | torch.device = "cpu")
     return model.to(device).eval(), tokenizer
 
 # %% ../notebooks/07_generate.ipynb #7183afa7
+def _decoding_step(model, cache, device):
+    """The one-token step: on a CUDA GPU recorded once as a CUDA graph (chapter 10b) when the cache has fixed shapes,
+    else `model.step`. A graph that cannot be recorded (an old driver, say) falls back to the eager step, with a warning."""
+    eager = lambda token_ids: model.step(token_ids, cache)
+    if device.type != "cuda":
+        return eager
+    from snakes_lib.graph_decode import GraphedStep
+    try:
+        return GraphedStep(model, cache)
+    except TypeError:                                  # a growing cache: no graph, by design
+        return eager
+    except RuntimeError as e:
+        warnings.warn(f"generate: decoding without a CUDA graph ({e})", stacklevel=3)
+        return eager
+
+
 @dataclass
 class Generation:
     "One finished completion. text excludes the prompt and any stop string; token_ids are the new tokens."
@@ -316,8 +334,11 @@ class GenerationStream:
         done = [False] * n
         start = min(lens)
         with torch.inference_mode():
-            cache = model.allocate_inference_cache(n)
+            # max_seqlen, where the model takes it: a Transformer gets a preallocated cache (fixed-shape steps)
+            takes = "max_seqlen" in inspect.signature(model.allocate_inference_cache).parameters
+            cache = model.allocate_inference_cache(n, **(dict(max_seqlen=max(lens) + self.max_new_tokens) if takes else {}))
             logits = model(torch.tensor([r[:start] for r in ids], device=device), cache=cache)[:, -1]
+            step = _decoding_step(model, cache, device)
         vocab = logits.shape[-1]
         usable = min(vocab, getattr(tok, "vocab_size", vocab))       # padded vocab rows are never sampled
         seen = torch.zeros(n, vocab, dtype=torch.bool, device=device)
@@ -368,7 +389,7 @@ class GenerationStream:
                 return
             step_in = [ids[i][pos] if pos < lens[i] else last[i] for i in range(n)]
             with torch.inference_mode():
-                logits = model.step(torch.tensor(step_in, device=device), cache)
+                logits = step(torch.tensor(step_in, device=device))
             pos += 1
 
 
