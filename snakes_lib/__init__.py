@@ -3,6 +3,7 @@
 Modules:
 
 - `snakes_lib.cli`: The `snakes` command line (also `python -m snakes_lib`): train, generate, data generate, bench, demo.
+- `snakes_lib.distributed`: What changes when one model trains on several GPUs: every rank computes gradients on its own slice of the batch and they are averaged (DDP), or the weights, gradients and optimizer state are split across ranks (FSDP). The pieces, built on `torch.distributed`, proven equal to one process on the CPU with two processes.
 - `snakes_lib.fused_block`: Chapter 09 made the SSD fast; the rest of the Mamba-2 block then costs more than the SSD. Two small Triton kernels (the causal depthwise convolution with its SiLU, and the gated RMSNorm), forward and backward, behind PyTorch ops that `torch.compile` keeps whole, and the model picks them on a GPU by itself.
 - `snakes_lib.graph_decode`: Generating one token runs hundreds of tiny GPU kernels, and the GPU spends most of the step waiting for Python to launch them. A CUDA graph records the whole step once and replays it with one launch. Mamba-2's fixed-size state makes the step a perfect candidate.
 - `snakes_lib.ssd_triton`: Mamba-2's SSD as our own Triton GPU kernels, forward and backward, behind one PyTorch op: why the PyTorch version is slow on a GPU (memory traffic, launches), and kernels that compute the same numbers without it."""
