@@ -307,3 +307,25 @@ def test_export_is_atomic(tmp_path, run, monkeypatch):
     with pytest.raises(OSError):
         export_run(run, tmp_path / "new", "hf")
     assert not (tmp_path / "new").exists()
+
+
+def test_exported_hf_folder_continues_like_snakes_generate(tmp_path, run, capsys):
+    transformers = transformers_or_skip("transformers")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    out = tmp_path / "hf"
+    assert cli.main(["export", "--run", str(run), "--out", str(out)]) == 0
+    capsys.readouterr()
+    prompt = "Once upon a time"
+    assert cli.main(["generate", "--run", str(run), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12",
+                     "--device", "cpu"]) == 0
+    ours = capsys.readouterr().out[:-1]                               # the continuation, then a newline
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    enc = hf_tok(prompt, return_tensors="pt")
+    new = hf.generate(**enc, max_new_tokens=12, do_sample=False)[0, enc["input_ids"].shape[1]:]
+    theirs = hf_tok.decode(new)
+    assert ours and theirs in (ours, ours + hf_tok.eos_token)          # transformers keeps the end-of-text token
+
+
+def test_export_is_listed_by_snakes_help():
+    assert "export" in cli.build_parser().format_help()
