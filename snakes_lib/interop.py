@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .model import Mamba2Config, Mamba2LM, save_mamba2, snakes_to_hf_state_dict
-from .runfolder import RunDirError, check_out, foreign_entries
+from .runfolder import RunDirError, check_out, disk_error, foreign_entries
 from .runs import load_run
 from .tokenizer import EOS_TOKEN, PAD_TOKEN, TOKENIZER_FILE, SnakesTokenizer
 from .utils import atomic_write, atomic_write_json, publish_dir, staging_dir
@@ -177,11 +177,12 @@ def add_export_command(subparsers) -> argparse.ArgumentParser:
 
 
 def run_export_command(args) -> int:
-    "Run `snakes export` for parsed args: 0 when written, 2 (and one line on stderr) when refused."
+    "Run `snakes export` for parsed args: 0 when written, 2 (and one line on stderr) when refused or it failed."
     try:
         out = export_run(args.run, args.out, args.format, args.checkpoint)
     except (RunDirError, ValueError, OSError) as e:
-        print(f"snakes export: error: {e}", file=sys.stderr)
+        err = disk_error(e, args.out, saved=f"{args.out} was not changed.") if isinstance(e, OSError) else None
+        print(f"snakes export: error: {err or e}", file=sys.stderr)       # a full or read-only disk: said plainly
         return 2
     how = ("transformers.AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained" if args.format == "hf"
            else "mamba_ssm's MambaLMHeadModel.from_pretrained")

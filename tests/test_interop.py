@@ -329,3 +329,16 @@ def test_exported_hf_folder_continues_like_snakes_generate(tmp_path, run, capsys
 
 def test_export_is_listed_by_snakes_help():
     assert "export" in cli.build_parser().format_help()
+
+
+def test_export_on_a_full_disk_says_so(tmp_path, run, monkeypatch, capsys):
+    import errno
+    from snakes_lib import interop
+
+    def full(model, directory, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "model.safetensors"))
+    monkeypatch.setattr(interop, "save_folder", full)
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the disk" in err and "was not changed" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
