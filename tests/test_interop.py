@@ -11,7 +11,7 @@ from snakes_lib import cli
 from snakes_lib.generate import generate
 from snakes_lib.interop import (EXPORT_MARKER, FOLDER_FORMATS, OFFICIAL_CONFIG_KEYS, export_run,
                                 official_config, save_folder)
-from snakes_lib.model import Mamba2Config, Mamba2LM
+from snakes_lib.model import Mamba2Config, Mamba2LM, load_model
 from snakes_lib.runfolder import RunDirError
 from snakes_lib.runs import export_model
 from snakes_lib.tokenizer import SnakesTokenizer
@@ -161,6 +161,7 @@ def test_every_format_reads_back(tmp_path, tok):
         for fmt in FOLDER_FORMATS:
             model.save_pretrained(tmp_path / fmt, format=fmt)
             back = Mamba2LM.from_pretrained(tmp_path / fmt)(ids)
+            assert isinstance(load_model(tmp_path / fmt), Mamba2LM)      # the registry (load_run) reads it too
             if fmt == "hf":       # a head of vocab_size rows instead of the padded count rounds the last bits apart
                 assert (back - ref).abs().max().item() <= 1e-6
             else:
