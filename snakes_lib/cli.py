@@ -178,8 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from snakes_lib.datagen import add_data_command            # the modules that own these subcommands add them
     from snakes_lib.generate import add_generate_command
+    from snakes_lib.interop import add_export_command
     add_generate_command(sub)
     add_data_command(sub)
+    add_export_command(sub)
 
     p = sub.add_parser("bench", help="benchmarks (memory: peak GPU memory of every preset)")
     p.add_argument("what", nargs="?", default="memory", choices=["memory"])

@@ -36,6 +36,10 @@ _OFFICIAL_DEFAULTS = {"d_intermediate": 0, "attn_layer_idx": [], "attn_cfg": {},
 _MIXER_UNSUPPORTED = {"d_ssm": None, "D_has_hdim": False, "rmsnorm": True, "norm_before_gate": False,
                       "bias": False, "conv_bias": True, "dt_limit": [0.0, float("inf")], "conv_init": None}
 _MIXER_IGNORED = ("layer", "use_mem_eff_path")
+# transformers Mamba2Config fields that build another network when they differ from the value snakes implements.
+# The rest are read below, only shape the init (initializer_range, rescale_prenorm_residual, time_step_rank, which
+# Mamba-2 does not use), or are runtime and token settings every transformers config has (use_cache, *_token_id).
+_HF_UNSUPPORTED = {"model_type": "mamba2", "hidden_act": "silu", "use_bias": False, "use_conv_bias": True}
 
 
 @dataclass
@@ -150,12 +154,13 @@ class Mamba2Config:
     @classmethod
     def from_hf_dict(cls, d: dict) -> "Mamba2Config":
         "From a `transformers` Mamba2Config dict (`hidden_size`, `num_hidden_layers`, `state_size`, ...)."
+        for k, ok in _HF_UNSUPPORTED.items():
+            if d.get(k, ok) != ok:
+                raise ValueError(f"transformers config: {k}={d[k]!r} is not supported (snakes implements {k}={ok!r})")
         hidden, expand, head_dim = d.get("hidden_size", 4096), d.get("expand", 2), d.get("head_dim", 64)
-        if d.get("num_heads") is not None and d["num_heads"] * head_dim != expand * hidden:
-            raise ValueError(f"transformers config: num_heads * head_dim = {d['num_heads']} * {head_dim} != "
+        if d.get("num_heads", 128) * head_dim != expand * hidden:      # 128: transformers' default
+            raise ValueError(f"transformers config: num_heads * head_dim = {d.get('num_heads', 128)} * {head_dim} != "
                              f"expand * hidden_size = {expand} * {hidden}")
-        if d.get("use_bias", False) or not d.get("use_conv_bias", True):
-            raise ValueError("transformers config with use_bias=True or use_conv_bias=False is not supported")
         num = lambda v: float(v["__float__"]) if isinstance(v, dict) and "__float__" in v else float(v)  # HF's JSON inf
         limit = d.get("time_step_limit") or (0.0, float("inf"))
         if num(limit[0]) > 0 or num(limit[1]) != float("inf"):
@@ -533,9 +538,14 @@ class Mamba2LM(nn.Module):
                 seen.add(id(p)); n += p.numel()
         return n
 
-    def save_pretrained(self, directory):
-        "Write config.json (official nested layout + model_type) and model.safetensors."
-        save_mamba2(self, directory)
+    def save_pretrained(self, directory, format: str = "snakes", tokenizer=None):
+        """Write a model folder. format "snakes": config.json (official nested layout + our fields) and
+        model.safetensors; "hf": one transformers loads; "official": one mamba_ssm loads (chapter 05b).
+        tokenizer: a SnakesTokenizer to write alongside (for "hf" with the files AutoTokenizer reads)."""
+        if format == "snakes" and tokenizer is None:
+            return save_mamba2(self, directory)
+        from snakes_lib.interop import save_folder  # chapter 05b builds on this one: imported when needed
+        save_folder(self, directory, format, tokenizer)
 
     @classmethod
     def from_pretrained(cls, directory, dtype=None, device=None) -> "Mamba2LM":
