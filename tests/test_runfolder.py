@@ -229,7 +229,8 @@ def test_ctrl_c_in_data_generate(tmp_path):
     topics = tmp_path / "words.txt"
     topics.write_text("lantern\npebble\nriver\nmoon\n")
     out = tmp_path / "out"
-    with FakeOllama(delay=1.0) as srv:
+    # 3 s per topic: the Ctrl-C must land while topics remain, even when a loaded CI machine starves this loop
+    with FakeOllama(delay=3.0) as srv:
         p = subprocess.Popen([sys.executable, "-m", "snakes_lib", "data", "generate", "--topics", str(topics),
                               "--out", str(out), "--host", srv.url, "--concurrency", "1"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
