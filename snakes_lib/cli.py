@@ -24,13 +24,18 @@ def _flag(name: str) -> str:
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (default None = the preset's value)."""
-    from snakes_lib.presets import TrainConfig, PRESET_NAMES, MODEL_SIZES
+    from snakes_lib.presets import TrainConfig, PRESET_NAMES, MODEL_SIZES, SCHEDULES
     p.add_argument("--preset", default="auto", choices=PRESET_NAMES,
                    help="VRAM preset: cpu, 8gb ... 80gb, or auto (reads the GPU's memory; cpu without one)")
     helps = {
         "data": "files or folders of text (default: the bundled corpus)",
         "out": "run directory (default runs/default)",
-        "max_steps": "optimizer steps in total, across resumes",
+        "max_steps": "optimizer steps in total, across resumes (the schedule's length)",
+        "schedule": "learning rate after warmup: cosine (default) or wsd (warmup-stable-decay: a run can be "
+                    "extended exactly with --resume --max-steps before its decay phase)",
+        "decay_fraction": "wsd: decay over this last fraction of --max-steps (default 0.2)",
+        "stop_at": "pause at step N with a checkpoint, the schedule unchanged; --resume continues it",
+        "lr_decay_steps": "where the schedule reaches --min-lr (default --max-steps; a cosine keeps the first run's)",
         "model_size": f"one of {', '.join(MODEL_SIZES)} (default: the preset's)",
         "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps",
         "precision": "auto, fp32, bf16 or fp16",
@@ -47,7 +52,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                            help=h)
         elif isinstance(default, bool):
             p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=h)
-        elif f.name in ("lr_decay_steps", "chunk_size"):
+        elif f.name == "schedule":
+            p.add_argument(_flag(f.name), default=None, choices=SCHEDULES, help=h)
+        elif f.name in ("lr_decay_steps", "chunk_size", "stop_at"):
             p.add_argument(_flag(f.name), type=int, default=None, metavar="N", help=h)
         elif f.name == "cache_dir":
             p.add_argument(_flag(f.name), default=None, metavar="DIR", help="token cache (default ~/.cache/snakes/tokens)")
@@ -67,7 +74,26 @@ def config_from_args(args: argparse.Namespace):
                  if f.name not in _HIDDEN_FIELDS}
     if getattr(args, "model_config", None):
         overrides["model_config"] = json.loads(args.model_config)
+    if overrides.get("resume"):          # the run's identity comes from its checkpoint, unless a flag names another
+        run = _run_config(overrides.get("out") or TrainConfig.out)
+        overrides = {**{k: v for k, v in run.items() if overrides.get(k) is None}, **{k: v for k, v in overrides.items()
+                                                                                 if v is not None}}
     return resolve_preset(args.preset, **overrides)
+
+
+def _run_config(out: str) -> dict:
+    """What a bare --resume takes from the run in `out` (RESUME_FIXED, --lr, --min-lr, --max-steps), from its newest checkpoint;
+    {} when there is none (the trainer then says so)."""
+    import json
+    from pathlib import Path
+    from snakes_lib.presets import RESUME_FIXED
+    from snakes_lib.runs import find_checkpoint
+    try:
+        ckpt = find_checkpoint(Path(out), verbose=False) if Path(out).is_dir() else None
+        saved = json.loads((ckpt / "trainer_state.json").read_text())["config"] if ckpt else {}
+    except Exception:                        # a damaged run: the trainer's own checks explain it
+        return {}
+    return {k: saved[k] for k in (*RESUME_FIXED, "lr", "min_lr", "max_steps") if k in saved}
 
 
 def _err(msg: str) -> int:
@@ -98,7 +124,8 @@ def cmd_train(args) -> int:
 
 
 def _print_result(res) -> None:
-    parts = [f"stopped at step {res.step} ({res.stop_reason})", f"{res.tokens:,} tokens in {res.seconds:.0f} s"]
+    reason = "paused by --stop-at; continue with --resume" if res.stop_reason == "stop_at" else res.stop_reason
+    parts = [f"stopped at step {res.step} ({reason})", f"{res.tokens:,} tokens in {res.seconds:.0f} s"]
     if res.train_loss is not None:
         parts.append(f"train loss {res.train_loss:.3f}")
     if res.val_loss is not None:

@@ -32,9 +32,9 @@ def test_train_then_generate(tmp_path, capsys):
             "--batch-size", "2", "--seq-len", "16", "--vocab-size", "300", "--device", "cpu", "--eval-every", "2",
             "--eval-batches", "1", "--cache-dir", str(tmp_path / "tok"), "--model-config", json.dumps(MICRO),
             "--log-every", "1"]
-    assert main(argv) == 0
+    assert main(argv + ["--max-steps", "4", "--stop-at", "3"]) == 0
     out = capsys.readouterr().out
-    assert "stopped at step 3 (max_steps)" in out and "val loss" in out
+    assert "stopped at step 3 (paused by --stop-at; continue with --resume)" in out and "val loss" in out
     assert main(argv) == 2                                  # the run exists: refuses to overwrite
     assert "--resume" in capsys.readouterr().err
     assert main(argv[:-2] + ["--max-steps", "4", "--resume"]) == 0
@@ -75,3 +75,28 @@ def test_train_compile_gives_the_eager_losses(tmp_path, capsys):
     for key in ("train_loss", "val_loss"):                 # training steps and the (eval mode) validation
         a, b = [r[key] for r in eager if key in r], [r[key] for r in compiled if key in r]
         assert len(a) == len(b) > 0 and a == pytest.approx(b, rel=1e-4), key
+
+
+def test_resume_keeps_the_runs_identity_and_refuses_another(tmp_path, capsys):
+    corpus = make_corpus(tmp_path / "corpus")
+    other = make_corpus(tmp_path / "other", seed=1)
+    run = tmp_path / "run"
+    common = ["train", "--preset", "cpu", "--out", str(run), "--device", "cpu", "--cache-dir", str(tmp_path / "tok"),
+              "--eval-every", "2", "--eval-batches", "1"]
+    assert main(common + ["--data", str(corpus), "--max-steps", "4", "--stop-at", "2", "--batch-size", "2",
+                          "--seq-len", "16", "--vocab-size", "300", "--lr", "0.01",
+                          "--model-config", json.dumps(MICRO)]) == 0
+    capsys.readouterr()
+    for extra, said in ((["--seq-len", "32"], "--seq-len 32 (the run has --seq-len 16)"),
+                        (["--model-size", "small"], "--model-size small (the run has --model-size tiny)"),
+                        (["--data", str(other)], f"--data {other} (the run has --data {corpus})"),
+                        (["--model-config", '{"n_layer": 2}'], '(the run has --model-config {"d_model": 32')):
+        assert main(common + ["--resume", "--max-steps", "4"] + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("snakes: error: --resume") and said in err and "drop them" in err, err
+    # a bare resume takes the run's data, sizes and learning rate, not the preset's; a new --lr is said out loud
+    assert main(common + ["--resume"]) == 0                      # and its --max-steps (the preset's is 300)
+    assert "stopped at step 4 (max_steps)" in capsys.readouterr().out
+    assert main(common + ["--resume", "--max-steps", "5", "--lr-decay-steps", "5", "--lr", "0.005"]) == 0
+    err = capsys.readouterr().err
+    assert "--lr 0.005 replaces the run's 0.01 from step 5 on" in err and "--lr-decay-steps 5 replaces" in err
