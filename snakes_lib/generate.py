@@ -21,7 +21,7 @@ from .model import load_model
 from .runfolder import CHECKPOINTS, CONFIG_FILE, EXPORT_INFO, WEIGHTS_FILE, RunDirError
 from .runs import load_run
 from .tokenizer import TOKENIZER_FILE, SnakesTokenizer
-from .utils import pick_device
+from .utils import SEED_MAX, float_flag, int_flag, pick_device
 
 # %% auto #0
 __all__ = ['CacheInterfaceError', 'check_cache_interface', 'apply_repetition_penalty', 'top_k_filter', 'top_p_filter',
@@ -520,13 +520,13 @@ def add_generate_command(subparsers) -> argparse.ArgumentParser:
                     "exit; without it, read prompts interactively (Ctrl-C cancels a generation, Ctrl-D exits).")
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="a run directory written by `snakes train --out`")
     p.add_argument("--prompt", default=None, help="text to continue; omit for an interactive prompt")
-    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="at most N new tokens (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 = greedy; higher = more random (default 0.8)")
-    p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample only among the K most likely tokens")
-    p.add_argument("--top-p", type=float, default=0.95, metavar="P", help="sample from the smallest nucleus of mass P (default 0.95; 1 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help=">1 discourages repeating tokens (default 1.0 = off)")
+    p.add_argument("--max-new-tokens", type=int_flag(1), default=200, metavar="N", help="at most N new tokens (default 200)")
+    p.add_argument("--temperature", type=float_flag(), default=0.8, metavar="T", help="0 = greedy; higher = more random (default 0.8)")
+    p.add_argument("--top-k", type=int_flag(1), default=None, metavar="K", help="sample only among the K most likely tokens")
+    p.add_argument("--top-p", type=float_flag(0.0, 1.0, lo_open=True), default=0.95, metavar="P", help="sample from the smallest nucleus of mass P (default 0.95; 1 = off)")
+    p.add_argument("--repetition-penalty", type=float_flag(0.0, lo_open=True), default=1.0, metavar="R", help=">1 discourages repeating tokens (default 1.0 = off)")
     p.add_argument("--stop", action="append", default=None, metavar="S", help="stop before this string (repeatable; \\n and \\t mean newline and tab)")
-    p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for reproducible sampling")
+    p.add_argument("--seed", type=int_flag(0, SEED_MAX), default=None, metavar="S", help="random seed for reproducible sampling")
     p.add_argument("--device", default="auto", metavar="D", help="auto (default), cpu, cuda, cuda:1, mps")
     p.set_defaults(func=run_generate_command)
     return p

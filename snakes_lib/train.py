@@ -40,7 +40,7 @@ from .runs import (CHECKPOINTS, MANIFEST, CheckpointCorruptError, export_model, 
                              list_checkpoints, load_run, plot_metrics, read_metrics, save_model_dir, verify_checkpoint,
                              write_checkpoint)   # the run-folder API: its home is snakes_lib.runs, these names stay here too
 from .tokenizer import TOKENIZER_FILE, SnakesTokenizer, check_tokenizer_fingerprint
-from .utils import atomic_write_bytes, atomic_write_json, pick_device, snakes_cache_dir
+from .utils import atomic_write_bytes, atomic_write_json, folder_path, pick_device, snakes_cache_dir
 
 # %% auto #0
 __all__ = ['chunked_cross_entropy', 'lm_loss', 'lr_at', 'no_weight_decay', 'make_optimizer', 'check_model_config',
@@ -331,9 +331,10 @@ class _SetupMixin:
     def _setup(self) -> None:
         ckpt, state = self._resume_point()
         cfg, run_dir = self.cfg, self.run_dir
+        self.device = pick_device(cfg.device)         # a bad --device or cache folder is refused before any work
+        self.cache_dir = folder_path(cfg.cache_dir, "--cache-dir ") if cfg.cache_dir else snakes_cache_dir() / "tokens"
         run_dir.mkdir(parents=True, exist_ok=True)
 
-        self.device = pick_device(cfg.device)
         self.device_type = self.device.split(":")[0]
         self.precision = resolve_precision(cfg.precision, self.device)
 
@@ -399,7 +400,7 @@ class _DataModelMixin:
         if state is not None:
             check_tokenizer_fingerprint(state["tokenizer_fingerprint"], self.tokenizer.fingerprint,
                                         where=f"{tok_path} (resuming {ckpt})")
-        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else snakes_cache_dir() / "tokens"
+        cache_dir = self.cache_dir
         self.data = prepare_data(paths, self.tokenizer, cache_dir, val_fraction=cfg.val_fraction, seed=0,
                                  include=cfg.include, exclude=cfg.exclude, progress=cfg.progress)
         check_tokenizer_fingerprint(self.tokenizer.fingerprint, self.data.tokenizer_fingerprint,
