@@ -335,7 +335,7 @@ def _cmd_generate(args) -> int:
     if args.seed is not None:
         options["seed"] = args.seed
     several = len(args.topics) > 1
-    out = Path(args.out)
+    out, nothing = Path(args.out), []
     try:
         for tp in map(Path, args.topics):
             if not tp.is_file():
@@ -349,6 +349,8 @@ def _cmd_generate(args) -> int:
             print(f"{tp}: {r.summary()} -> {out}")
             for topic, err in list(r.failed.items())[:10]:
                 print(f"  failed: {topic}: {err}", file=sys.stderr)
+            if r.failed and not (r.written or r.already_done or r.near_duplicates):
+                nothing.append(str(tp))
     except (OllamaUnavailableError, ModelNotFoundError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -356,4 +358,8 @@ def _cmd_generate(args) -> int:
         n = len(list(out.glob("*.txt"))) if out.is_dir() else 0
         print(f"interrupted: {n} finished texts in {out}; run the same command again to continue", file=sys.stderr)
         return 130
+    if nothing:                # so that `snakes data generate && snakes train` stops here
+        print(f"error: every topic of {', '.join(nothing)} failed and no text was written; see the failures above "
+              "(a wrong --model or --template, or a server that answers with errors)", file=sys.stderr)
+        return 1
     return 0

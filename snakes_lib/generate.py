@@ -27,7 +27,7 @@ from .utils import SEED_MAX, float_flag, int_flag, pick_device
 __all__ = ['CacheInterfaceError', 'check_cache_interface', 'apply_repetition_penalty', 'top_k_filter', 'top_p_filter',
            'process_logits', 'next_token_probs', 'sample_next_token', 'StreamDecoder', 'StopFilter', 'check_run_dir',
            'load_for_generation', 'Generation', 'GenerationStream', 'generate_stream', 'generate',
-           'prefill_left_padded', 'prefill_one_by_one', 'sampling_explorer', 'add_generate_command',
+           'prefill_left_padded', 'prefill_one_by_one', 'sampling_explorer', 'valid_text', 'add_generate_command',
            'run_generate_command']
 
 # %% ../notebooks/07_generate.ipynb #71665977
@@ -511,6 +511,20 @@ def _pick_device(name: str) -> torch.device:
     "`--device` as a torch.device: `snakes_lib.utils.pick_device` resolves auto and refuses unknown or absent devices."
     return torch.device(pick_device(name))
 
+# %% ../notebooks/07_generate.ipynb #e4a7b9c1
+def valid_text(text: str) -> tuple[str, bool]:
+    """`text` with what is not UTF-8 replaced by U+FFFD, and whether anything was. Bytes that are not UTF-8 reach
+    Python as lone surrogates (from argv, or stdin read with surrogateescape); the tokenizer refuses those."""
+    try:
+        text.encode("utf-8")
+        return text, False
+    except UnicodeEncodeError:
+        try:
+            raw = text.encode("utf-8", "surrogateescape")     # the original bytes, where they were escaped
+        except UnicodeEncodeError:
+            raw = text.encode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", "replace"), True
+
 # %% ../notebooks/07_generate.ipynb #d8c89964
 def add_generate_command(subparsers) -> argparse.ArgumentParser:
     "Register `snakes generate` on an argparse subparsers object; the parser's `func` runs it and returns an exit code."
@@ -530,6 +544,9 @@ def add_generate_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", metavar="D", help="auto (default), cpu, cuda, cuda:1, mps")
     p.set_defaults(func=run_generate_command)
     return p
+
+
+_NOT_UTF8 = "snakes generate: the prompt had bytes that are not UTF-8; each became U+FFFD (\ufffd)"
 
 
 def _print_stream(pieces, out) -> None:
@@ -552,8 +569,11 @@ def run_generate_command(args, stdin=None, stdout=None, stderr=None) -> int:
         print(f"snakes generate: error: {e}", file=stderr)
         return 2
     if args.prompt is not None:
+        prompt, replaced = valid_text(args.prompt)
+        if replaced:
+            print(_NOT_UTF8, file=stderr)
         try:
-            _print_stream(generate(model, tokenizer, args.prompt, stream=True, **options), stdout)
+            _print_stream(generate(model, tokenizer, prompt, stream=True, **options), stdout)
         except KeyboardInterrupt:
             print("\n[cancelled]", file=stderr)
             return 130
@@ -570,7 +590,9 @@ def run_generate_command(args, stdin=None, stdout=None, stderr=None) -> int:
             if not line:                                                # EOF (Ctrl-D)
                 stdout.write("\n")
                 return 0
-            prompt = line.rstrip("\n")
+            prompt, replaced = valid_text(line.rstrip("\n"))
+            if replaced:
+                print(_NOT_UTF8, file=stderr)
             if not prompt.strip():
                 continue
             _print_stream(generate(model, tokenizer, prompt, stream=True, **options), stdout)

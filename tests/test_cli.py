@@ -151,7 +151,7 @@ def test_a_cache_dir_variable_naming_a_file_and_a_missing_gpu(tmp_path, capsys, 
     assert "sees no CUDA GPU; use --device cpu" in capsys.readouterr().err
 
 
-def test_broken_pipe_and_an_ascii_terminal(tmp_path):
+def test_broken_pipe_non_utf8_prompts_and_an_ascii_terminal(tmp_path):
     corpus = make_corpus(tmp_path / "corpus")
     run = tmp_path / "run"
     assert main(["train", "--preset", "cpu", "--data", str(corpus), "--out", str(run), "--max-steps", "2",
@@ -162,6 +162,11 @@ def test_broken_pipe_and_an_ascii_terminal(tmp_path):
     r = subprocess.run(" ".join(map(repr, gen)) + " 'Maia é 🐍' | head -c 1", shell=True, capture_output=True,
                        text=True, timeout=300)
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+    # a prompt whose bytes are not UTF-8 (from argv; on stdin with a NUL too): replaced, said, generated from
+    r = subprocess.run(gen[:-1] + ["--max-new-tokens", "3", "--prompt", b"Maia \xff"], capture_output=True, timeout=300)
+    assert r.returncode == 0 and b"not UTF-8" in r.stderr and b"Traceback" not in r.stderr, r.stderr
+    r = subprocess.run(gen[:-3] + ["--max-new-tokens", "3"], input=b"Maia \xff\x00 ran\n", capture_output=True, timeout=300)
+    assert r.returncode == 0 and b"not UTF-8" in r.stderr and b"Traceback" not in r.stderr, r.stderr
     # a terminal that cannot show "ü": the run folder's name is printed with "?" instead of a UnicodeEncodeError
     r = subprocess.run([sys.executable, "-m", "snakes_lib", "train", "--preset", "cpu", "--data", str(corpus), "--out",
                         str(tmp_path / "rün"), "--max-steps", "1", "--batch-size", "2", "--seq-len", "16",
