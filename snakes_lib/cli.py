@@ -22,15 +22,36 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# the range of each numeric flag of `snakes train` (lowest, highest, lowest excluded); ints default to 0 or more,
+# floats to a finite 0 or more. Checked when the command line is read, so the message names the flag.
+_RANGES = {"batch_size": (1,), "grad_accum": (1,), "seq_len": (1,), "max_steps": (1,), "eval_batches": (1,),
+           "log_every": (1,), "keep_checkpoints": (1,), "ce_chunk_rows": (1,), "vocab_size": (1,), "chunk_size": (1,),
+           "lr_decay_steps": (1,), "stop_at": (1,), "lr": (0, None, True), "max_minutes": (0, None, True),
+           "val_fraction": (0, 1), "beta1": (0, 1), "beta2": (0, 1), "decay_fraction": (0, 1)}
+
+
+def _number(name: str, typ: type):
+    from snakes_lib.utils import float_flag, int_flag
+    lo, hi, lo_open = (_RANGES.get(name, (0,)) + (None, False))[:3]
+    if typ is int:
+        return int_flag(lo) if hi is None else int_flag(lo, hi)
+    return float_flag(lo, float("inf") if hi is None else hi, lo_open=bool(lo_open))
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (default None = the preset's value)."""
-    from snakes_lib.presets import TrainConfig, PRESET_NAMES, MODEL_SIZES
+    from snakes_lib.presets import TrainConfig, PRESET_NAMES, MODEL_SIZES, SCHEDULES
     p.add_argument("--preset", default="auto", choices=PRESET_NAMES,
                    help="VRAM preset: cpu, 8gb ... 80gb, or auto (reads the GPU's memory; cpu without one)")
     helps = {
         "data": "files or folders of text (default: the bundled corpus)",
         "out": "run directory (default runs/default)",
-        "max_steps": "optimizer steps in total, across resumes",
+        "max_steps": "optimizer steps in total, across resumes (the schedule's length)",
+        "schedule": "learning rate after warmup: cosine (default) or wsd (warmup-stable-decay: a run can be "
+                    "extended exactly with --resume --max-steps before its decay phase)",
+        "decay_fraction": "wsd: decay over this last fraction of --max-steps (default 0.2)",
+        "stop_at": "pause at step N with a checkpoint, the schedule unchanged; --resume continues it",
+        "lr_decay_steps": "where the schedule reaches --min-lr (default --max-steps; a cosine keeps the first run's)",
         "model_size": f"one of {', '.join(MODEL_SIZES)} (default: the preset's)",
         "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps",
         "precision": "auto, fp32, bf16 or fp16",
@@ -47,14 +68,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                            help=h)
         elif isinstance(default, bool):
             p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=h)
-        elif f.name in ("lr_decay_steps", "chunk_size"):
-            p.add_argument(_flag(f.name), type=int, default=None, metavar="N", help=h)
+        elif f.name == "schedule":
+            p.add_argument(_flag(f.name), default=None, choices=SCHEDULES, help=h)
+        elif f.name in ("lr_decay_steps", "chunk_size", "stop_at"):
+            p.add_argument(_flag(f.name), type=_number(f.name, int), default=None, metavar="N", help=h)
         elif f.name == "cache_dir":
             p.add_argument(_flag(f.name), default=None, metavar="DIR", help="token cache (default ~/.cache/snakes/tokens)")
         elif f.name == "max_minutes":
-            p.add_argument(_flag(f.name), type=float, default=None, metavar="M", help="stop after M minutes of training")
+            p.add_argument(_flag(f.name), type=_number(f.name, float), default=None, metavar="M",
+                           help="stop after M minutes of training")
         else:
             typ = type(default) if default is not None else str
+            typ = _number(f.name, typ) if typ in (int, float) else typ
             p.add_argument(_flag(f.name), type=typ, default=None, metavar=f.name.split("_")[-1].upper(), help=h)
     p.add_argument("--model-config", default=None, metavar="JSON",
                    help='extra model config as JSON, e.g. \'{"n_layer": 2}\'')
@@ -66,8 +91,35 @@ def config_from_args(args: argparse.Namespace):
     overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)
                  if f.name not in _HIDDEN_FIELDS}
     if getattr(args, "model_config", None):
-        overrides["model_config"] = json.loads(args.model_config)
+        try:
+            overrides["model_config"] = json.loads(args.model_config)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--model-config {args.model_config!r} is not valid JSON ({e}); write an object such "
+                             "as '{\"n_layer\": 2}'") from None
+        from snakes_lib.train import check_model_config
+        check_model_config(args.model_type or "mamba2", overrides["model_config"])
+    from snakes_lib.utils import folder_path, snakes_cache_dir
+    folder_path(args.cache_dir, "--cache-dir ") if args.cache_dir else snakes_cache_dir()   # refused before any work
+    if overrides.get("resume"):          # the run's identity comes from its checkpoint, unless a flag names another
+        run = _run_config(overrides.get("out") or TrainConfig.out)
+        overrides = {**{k: v for k, v in run.items() if overrides.get(k) is None}, **{k: v for k, v in overrides.items()
+                                                                                 if v is not None}}
     return resolve_preset(args.preset, **overrides)
+
+
+def _run_config(out: str) -> dict:
+    """What a bare --resume takes from the run in `out` (RESUME_FIXED, --lr, --min-lr, --max-steps), from its newest checkpoint;
+    {} when there is none (the trainer then says so)."""
+    import json
+    from pathlib import Path
+    from snakes_lib.presets import RESUME_FIXED
+    from snakes_lib.runs import find_checkpoint
+    try:
+        ckpt = find_checkpoint(Path(out), verbose=False) if Path(out).is_dir() else None
+        saved = json.loads((ckpt / "trainer_state.json").read_text())["config"] if ckpt else {}
+    except Exception:                        # a damaged run: the trainer's own checks explain it
+        return {}
+    return {k: saved[k] for k in (*RESUME_FIXED, "lr", "min_lr", "max_steps") if k in saved}
 
 
 def _err(msg: str) -> int:
@@ -75,30 +127,35 @@ def _err(msg: str) -> int:
     return 2
 
 
-def cmd_train(args) -> int:
+def _exit_status(e: BaseException) -> Optional[int]:
+    """The one place where errors become exit statuses: errors a user can fix (a flag, a file, a run folder, the
+    network) -> 2, a loss that became NaN -> 3; None for anything else (a bug: its traceback is shown)."""
     from snakes_lib.runfolder import RunDirError
-    from snakes_lib.train import NonFiniteLossError, train
-    try:
-        cfg = config_from_args(args)
-    except ValueError as e:
-        return _err(str(e))
+    from snakes_lib.train import NonFiniteLossError
+    from snakes_lib.generate import CacheInterfaceError
+    from snakes_lib.datagen import ModelNotFoundError, OllamaUnavailableError
+    if isinstance(e, NonFiniteLossError):
+        return 3
+    fixable = (RunDirError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               CacheInterfaceError, OllamaUnavailableError, ModelNotFoundError)
+    return 2 if isinstance(e, fixable) else None
+
+
+def cmd_train(args) -> int:
+    from snakes_lib.train import train
+    cfg = config_from_args(args)
     print(f"preset {cfg.preset}: model {cfg.model_size} ({cfg.model_type}), micro-batch {cfg.batch_size} x "
           f"{cfg.grad_accum} accumulation x {cfg.seq_len} tokens, precision {cfg.precision}, "
           f"activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}, "
           f"chunked CE {'on' if cfg.chunked_ce else 'off'} -> {cfg.out}", flush=True)
-    try:
-        res = train(cfg)
-    except NonFiniteLossError as e:
-        _err(str(e))
-        return 3
-    except (RunDirError, ValueError, FileNotFoundError) as e:
-        return _err(str(e))
+    res = train(cfg)
     _print_result(res)
     return 130 if res.stop_reason == "interrupted" else 0
 
 
 def _print_result(res) -> None:
-    parts = [f"stopped at step {res.step} ({res.stop_reason})", f"{res.tokens:,} tokens in {res.seconds:.0f} s"]
+    reason = "paused by --stop-at; continue with --resume" if res.stop_reason == "stop_at" else res.stop_reason
+    parts = [f"stopped at step {res.step} ({reason})", f"{res.tokens:,} tokens in {res.seconds:.0f} s"]
     if res.train_loss is not None:
         parts.append(f"train loss {res.train_loss:.3f}")
     if res.val_loss is not None:
@@ -118,18 +175,15 @@ def _sample(model, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0) -
 def cmd_demo(args) -> int:
     """Train the tiny model on the bundled corpus on the CPU, then continue the story of Maia."""
     from snakes_lib.presets import resolve_preset
-    from snakes_lib.runfolder import RunDirError, check_out, is_snakes_run, remove_run
+    from snakes_lib.runfolder import check_out, is_snakes_run, remove_run
     from snakes_lib.runs import find_checkpoint, load_run
     from snakes_lib.train import train
-    try:
-        out = check_out(args.out)
-        if args.fresh:                       # deletes a snakes run's own files, never a folder snakes did not make
-            left = remove_run(out, "snakes demo --fresh")
-            if left:
-                print(f"--fresh: kept {', '.join(left)} in {out} (not written by snakes)")
-        resume = is_snakes_run(out) and find_checkpoint(out, verbose=False) is not None
-    except RunDirError as e:
-        return _err(str(e))
+    out = check_out(args.out)
+    if args.fresh:                           # deletes a snakes run's own files, never a folder snakes did not make
+        left = remove_run(out, "snakes demo --fresh")
+        if left:
+            print(f"--fresh: kept {', '.join(left)} in {out} (not written by snakes)")
+    resume = is_snakes_run(out) and find_checkpoint(out, verbose=False) is not None
     if resume:
         print(f"{out} holds an earlier demo run: continuing it (pass --fresh to start over)")
     cfg = resolve_preset("cpu", out=str(out), device=args.device, max_steps=args.max_steps,
@@ -137,10 +191,7 @@ def cmd_demo(args) -> int:
     print(f"snakes demo: training the tiny Mamba-2 on the bundled corpus ({cfg.max_steps} steps of "
           f"{cfg.batch_size} x {cfg.seq_len} tokens, at most {cfg.max_minutes} min) -> {out}", flush=True)
     t0 = time.perf_counter()
-    try:
-        res = train(cfg)
-    except (RunDirError, ValueError) as e:
-        return _err(str(e))
+    res = train(cfg)
     _print_result(res)
     model, tokenizer = load_run(out)
     print(f"\nprompt: {args.prompt}\n" + "-" * 60)
@@ -208,6 +259,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import os
     # fewer, growable CUDA memory segments: less fragmentation, a lower peak (read when CUDA starts)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets "?", not a traceback
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+    if hasattr(sys.stdin, "reconfigure"):    # bytes that are not UTF-8 reach the prompt as escapes, not a crash
+        sys.stdin.reconfigure(errors="surrogateescape")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -218,6 +274,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt as e:           # RunInterrupted says what was kept; partial files are already removed
         print(f"snakes: {e}" if str(e) else "snakes: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         return 130
+    except BrokenPipeError:                  # `snakes generate ... | head -c 1`: the reader left; so do we, quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141                           # 128 + SIGPIPE, as shell tools report it
+    except Exception as e:
+        status = _exit_status(e)
+        if status is None or os.environ.get("SNAKES_DEBUG"):
+            raise                            # a bug (or SNAKES_DEBUG=1): the full traceback
+        _err(str(e))
+        return status
 
 
 if __name__ == "__main__":

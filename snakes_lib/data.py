@@ -11,6 +11,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,16 @@ def _iter_files(root: Path, include, exclude, all_files: bool = False,
                 if not _matches(rel, include):
                     continue
             elif not all_files and ext not in TEXT_EXTENSIONS and ext not in PDF_EXTENSIONS:
+                continue
+            try:
+                st = f.stat()
+            except OSError as e:                    # a symlink loop, a dangling link
+                if skipped is not None:
+                    skipped.append(SkippedFile(str(f), f"cannot be opened: {e.strerror}"))
+                continue
+            if not stat.S_ISREG(st.st_mode):        # a named pipe, socket or device: reading it could wait forever
+                if skipped is not None:
+                    skipped.append(SkippedFile(str(f), "not a regular file (a named pipe, socket or device)"))
                 continue
             yield f, rel
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .utils import atomic_write_text
+from .utils import SEED_MAX, atomic_write_text, float_flag, int_flag
 
 # %% auto #0
 __all__ = ['DEFAULT_HOST', 'DEFAULT_MODEL', 'TEMPLATES', 'NEAR_DUP_SUFFIX', 'read_topics', 'read_template', 'topic_filename',
@@ -319,12 +319,12 @@ def add_data_command(subparsers):
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"Ollama model (default: {DEFAULT_MODEL})")
     g.add_argument("--host", default=os.environ.get("OLLAMA_HOST") or DEFAULT_HOST,
                    help=f"Ollama server URL (default: $OLLAMA_HOST or {DEFAULT_HOST})")
-    g.add_argument("--concurrency", type=int, default=2, help="parallel requests (default: 2)")
-    g.add_argument("--retries", type=int, default=4, help="retries per topic on connection errors (default: 4)")
-    g.add_argument("--limit", type=int, default=None, help="generate at most N new topics per list")
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--seed", type=int, default=None, help="Ollama sampling seed (reproducible replies)")
-    g.add_argument("--near-duplicate", type=float, default=0.5, help="Jaccard threshold (default: 0.5)")
+    g.add_argument("--concurrency", type=int_flag(1), default=2, help="parallel requests (default: 2)")
+    g.add_argument("--retries", type=int_flag(0), default=4, help="retries per topic on connection errors (default: 4)")
+    g.add_argument("--limit", type=int_flag(0), default=None, help="generate at most N new topics per list")
+    g.add_argument("--temperature", type=float_flag(), default=0.8)
+    g.add_argument("--seed", type=int_flag(0, SEED_MAX), default=None, help="Ollama sampling seed (reproducible replies)")
+    g.add_argument("--near-duplicate", type=float_flag(0.0, 1.0), default=0.5, help="Jaccard threshold (default: 0.5)")
     g.add_argument("--no-stream", action="store_true", help="ask for whole replies instead of streams")
     g.set_defaults(func=_cmd_generate)
     return data
@@ -335,7 +335,7 @@ def _cmd_generate(args) -> int:
     if args.seed is not None:
         options["seed"] = args.seed
     several = len(args.topics) > 1
-    out = Path(args.out)
+    out, nothing = Path(args.out), []
     try:
         for tp in map(Path, args.topics):
             if not tp.is_file():
@@ -349,6 +349,8 @@ def _cmd_generate(args) -> int:
             print(f"{tp}: {r.summary()} -> {out}")
             for topic, err in list(r.failed.items())[:10]:
                 print(f"  failed: {topic}: {err}", file=sys.stderr)
+            if r.failed and not (r.written or r.already_done or r.near_duplicates):
+                nothing.append(str(tp))
     except (OllamaUnavailableError, ModelNotFoundError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -356,4 +358,8 @@ def _cmd_generate(args) -> int:
         n = len(list(out.glob("*.txt"))) if out.is_dir() else 0
         print(f"interrupted: {n} finished texts in {out}; run the same command again to continue", file=sys.stderr)
         return 130
+    if nothing:                # so that `snakes data generate && snakes train` stops here
+        print(f"error: every topic of {', '.join(nothing)} failed and no text was written; see the failures above "
+              "(a wrong --model or --template, or a server that answers with errors)", file=sys.stderr)
+        return 1
     return 0

@@ -23,13 +23,13 @@ from .model import load_model
 from .runfolder import CHECKPOINTS, CONFIG_FILE, EXPORT_INFO, WEIGHTS_FILE, RunDirError
 from .runs import load_run
 from .tokenizer import TOKENIZER_FILE, SnakesTokenizer
-from .utils import pick_device
+from .utils import SEED_MAX, float_flag, int_flag, pick_device
 
 # %% auto #0
 __all__ = ['CacheInterfaceError', 'check_cache_interface', 'apply_repetition_penalty', 'top_k_filter', 'top_p_filter',
            'process_logits', 'next_token_probs', 'sample_next_token', 'StreamDecoder', 'StopFilter', 'check_run_dir',
            'load_for_generation', 'Generation', 'GenerationStream', 'generate_stream', 'generate',
-           'prefill_left_padded', 'prefill_one_by_one', 'sampling_explorer', 'add_generate_command',
+           'prefill_left_padded', 'prefill_one_by_one', 'sampling_explorer', 'valid_text', 'add_generate_command',
            'run_generate_command']
 
 # %% ../notebooks/07_generate.ipynb #71665977
@@ -532,6 +532,20 @@ def _pick_device(name: str) -> torch.device:
     "`--device` as a torch.device: `snakes_lib.utils.pick_device` resolves auto and refuses unknown or absent devices."
     return torch.device(pick_device(name))
 
+# %% ../notebooks/07_generate.ipynb #e4a7b9c1
+def valid_text(text: str) -> tuple[str, bool]:
+    """`text` with what is not UTF-8 replaced by U+FFFD, and whether anything was. Bytes that are not UTF-8 reach
+    Python as lone surrogates (from argv, or stdin read with surrogateescape); the tokenizer refuses those."""
+    try:
+        text.encode("utf-8")
+        return text, False
+    except UnicodeEncodeError:
+        try:
+            raw = text.encode("utf-8", "surrogateescape")     # the original bytes, where they were escaped
+        except UnicodeEncodeError:
+            raw = text.encode("utf-8", "surrogatepass")
+        return raw.decode("utf-8", "replace"), True
+
 # %% ../notebooks/07_generate.ipynb #d8c89964
 def add_generate_command(subparsers) -> argparse.ArgumentParser:
     "Register `snakes generate` on an argparse subparsers object; the parser's `func` runs it and returns an exit code."
@@ -541,16 +555,19 @@ def add_generate_command(subparsers) -> argparse.ArgumentParser:
                     "exit; without it, read prompts interactively (Ctrl-C cancels a generation, Ctrl-D exits).")
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="a run directory written by `snakes train --out`")
     p.add_argument("--prompt", default=None, help="text to continue; omit for an interactive prompt")
-    p.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="at most N new tokens (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 = greedy; higher = more random (default 0.8)")
-    p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample only among the K most likely tokens")
-    p.add_argument("--top-p", type=float, default=0.95, metavar="P", help="sample from the smallest nucleus of mass P (default 0.95; 1 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help=">1 discourages repeating tokens (default 1.0 = off)")
+    p.add_argument("--max-new-tokens", type=int_flag(1), default=200, metavar="N", help="at most N new tokens (default 200)")
+    p.add_argument("--temperature", type=float_flag(), default=0.8, metavar="T", help="0 = greedy; higher = more random (default 0.8)")
+    p.add_argument("--top-k", type=int_flag(1), default=None, metavar="K", help="sample only among the K most likely tokens")
+    p.add_argument("--top-p", type=float_flag(0.0, 1.0, lo_open=True), default=0.95, metavar="P", help="sample from the smallest nucleus of mass P (default 0.95; 1 = off)")
+    p.add_argument("--repetition-penalty", type=float_flag(0.0, lo_open=True), default=1.0, metavar="R", help=">1 discourages repeating tokens (default 1.0 = off)")
     p.add_argument("--stop", action="append", default=None, metavar="S", help="stop before this string (repeatable; \\n and \\t mean newline and tab)")
-    p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for reproducible sampling")
+    p.add_argument("--seed", type=int_flag(0, SEED_MAX), default=None, metavar="S", help="random seed for reproducible sampling")
     p.add_argument("--device", default="auto", metavar="D", help="auto (default), cpu, cuda, cuda:1, mps")
     p.set_defaults(func=run_generate_command)
     return p
+
+
+_NOT_UTF8 = "snakes generate: the prompt had bytes that are not UTF-8; each became U+FFFD (\ufffd)"
 
 
 def _print_stream(pieces, out) -> None:
@@ -573,8 +590,11 @@ def run_generate_command(args, stdin=None, stdout=None, stderr=None) -> int:
         print(f"snakes generate: error: {e}", file=stderr)
         return 2
     if args.prompt is not None:
+        prompt, replaced = valid_text(args.prompt)
+        if replaced:
+            print(_NOT_UTF8, file=stderr)
         try:
-            _print_stream(generate(model, tokenizer, args.prompt, stream=True, **options), stdout)
+            _print_stream(generate(model, tokenizer, prompt, stream=True, **options), stdout)
         except KeyboardInterrupt:
             print("\n[cancelled]", file=stderr)
             return 130
@@ -591,7 +611,9 @@ def run_generate_command(args, stdin=None, stdout=None, stderr=None) -> int:
             if not line:                                                # EOF (Ctrl-D)
                 stdout.write("\n")
                 return 0
-            prompt = line.rstrip("\n")
+            prompt, replaced = valid_text(line.rstrip("\n"))
+            if replaced:
+                print(_NOT_UTF8, file=stderr)
             if not prompt.strip():
                 continue
             _print_stream(generate(model, tokenizer, prompt, stream=True, **options), stdout)

@@ -8,6 +8,8 @@ Docs: https://github.com/snakes-course/snakes/presets.html.md"""
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from dataclasses import dataclass, field, asdict, fields
 from typing import Any, Optional
 
@@ -17,8 +19,9 @@ from .model import mamba2_num_parameters
 from .utils import pick_device
 
 # %% auto #0
-__all__ = ['REFERENCE_VOCAB', 'MODEL_SIZES', 'SIZE_TARGETS', 'VRAM_PRESETS', 'PRESET_NAMES', 'detect_device', 'ModelSize',
-           'count_parameters', 'TrainConfig', 'VramPreset', 'device_memory_gb', 'pick_preset', 'resolve_precision',
+__all__ = ['REFERENCE_VOCAB', 'MODEL_SIZES', 'SIZE_TARGETS', 'SCHEDULES', 'RESUME_FIXED', 'RESUME_MAY_CHANGE', 'VRAM_PRESETS',
+           'PRESET_NAMES', 'detect_device', 'ModelSize', 'count_parameters', 'TrainConfig', 'ResumeConflictError',
+           'wsd_decay_start', 'resume_config', 'VramPreset', 'device_memory_gb', 'pick_preset', 'resolve_precision',
            'resolve_preset', 'estimate_memory']
 
 # %% ../notebooks/06_presets.ipynb #b5e0310f
@@ -94,7 +97,10 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 30
-    lr_decay_steps: Optional[int] = None   # length of the cosine; None = max_steps of the first run
+    lr_decay_steps: Optional[int] = None   # cosine: its length (None = max_steps of the first run); wsd: None = max_steps
+    schedule: str = "cosine"          # cosine | wsd (warmup-stable-decay: a run can be extended before its decay)
+    decay_fraction: float = 0.2       # wsd: the learning rate decays over this last fraction of the steps
+    stop_at: Optional[int] = None     # pause at this step (checkpoint); --resume continues the same schedule
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -135,6 +141,81 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.grad_accum * self.seq_len
+
+# %% ../notebooks/06_presets.ipynb #a1c0e5d2
+SCHEDULES = ("cosine", "wsd")
+# the run's identity, fixed when it starts; a resume that names other values is refused
+RESUME_FIXED = ("model_size", "model_type", "model_config", "vocab_size", "chunk_size", "seq_len", "data", "include",
+                "exclude", "val_fraction", "seed", "batch_size", "grad_accum", "warmup_steps", "weight_decay",
+                "beta1", "beta2", "schedule", "decay_fraction")
+RESUME_MAY_CHANGE = ("lr", "min_lr", "lr_decay_steps")     # allowed on resume, with a notice
+_NONE_IS_THE_RUNS = {"model_config", "chunk_size", "data", "include", "exclude", "lr_decay_steps"}
+
+
+class ResumeConflictError(ValueError):
+    """`--resume` with settings that contradict the run it continues."""
+
+
+def wsd_decay_start(decay_steps: int, warmup_steps: int, decay_fraction: float) -> int:
+    """The first step of a warmup-stable-decay schedule's decay: the last `decay_fraction` of `decay_steps`."""
+    return max(warmup_steps, decay_steps - round(decay_fraction * decay_steps))
+
+
+def _same(name: str, a: Any, b: Any) -> bool:
+    if name == "data" and a is not None and b is not None:        # paths compare resolved; hf: names as written
+        norm = lambda ps: [str(p) if str(p).startswith("hf:") else str(Path(p).resolve()) for p in ps]
+        return norm(a) == norm(b)
+    return a == b
+
+
+def _flag_value(name: str, v: Any) -> str:
+    return f"--{name.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, list) else json.dumps(v)
+                                             if isinstance(v, dict) else f"{v:g}" if isinstance(v, float) else str(v))
+
+
+def resume_config(cfg: TrainConfig, saved: TrainConfig, step: int) -> tuple[TrainConfig, list[str]]:
+    """The config a resumed run trains with, and notices of what changes. `saved`: the checkpoint's config; `step`: its
+    step. The run's identity (RESUME_FIXED) comes from `saved`; ResumeConflictError if `cfg` names another, or if
+    `cfg.max_steps` moves the end of the learning-rate schedule in a way that breaks it (see _check_extension)."""
+    clash = [n for n in RESUME_FIXED if not (getattr(cfg, n) is None and n in _NONE_IS_THE_RUNS)
+             and not _same(n, getattr(cfg, n), getattr(saved, n))]
+    if clash:
+        said = "; ".join(f"{_flag_value(n, getattr(cfg, n))} (the run has {_flag_value(n, getattr(saved, n))})"
+                         for n in clash)
+        raise ResumeConflictError(f"--resume {cfg.out}: {said}. These were fixed when the run started: drop them to "
+                                  "continue the run, or pass --out with a new folder to start a new run with them.")
+    notices = [f"{_flag_value(n, getattr(cfg, n))} replaces the run's {getattr(saved, n):g} from step {step + 1} on; "
+               "the result will differ from an uninterrupted run" for n in RESUME_MAY_CHANGE
+               if getattr(cfg, n) is not None and getattr(cfg, n) != getattr(saved, n)]
+    explicit = cfg.lr_decay_steps is not None
+    merged = cfg.replace(**{n: getattr(saved, n) for n in RESUME_FIXED},
+                         lr_decay_steps=cfg.lr_decay_steps if explicit else saved.lr_decay_steps)
+    if not explicit:
+        _check_extension(merged, saved, step)
+    return merged, notices
+
+# %% ../notebooks/06_presets.ipynb #a1c0e5d3
+def _check_extension(cfg: TrainConfig, saved: TrainConfig, step: int) -> None:
+    """Refuse a resume whose --max-steps moves the end of the schedule in a way that breaks it (an explicit
+    --lr-decay-steps says what to do instead, and skips this)."""
+    old_end = saved.lr_decay_steps or saved.max_steps
+    new_end = cfg.lr_decay_steps or cfg.max_steps
+    floor = f"--lr-decay-steps {old_end} to keep the schedule and train the extra steps at the floor --min-lr {cfg.min_lr:g}"
+    if cfg.schedule == "cosine" and cfg.max_steps > old_end:
+        raise ResumeConflictError(
+            f"--max-steps {cfg.max_steps} extends a cosine run past the end of its schedule: its learning rate reaches "
+            f"the floor at step {old_end} (the first run's --max-steps), so steps {old_end + 1}-{cfg.max_steps} would "
+            f"all train at the floor and the model would differ from one {cfg.max_steps}-step run. Pass {floor}, or "
+            f"--lr-decay-steps {cfg.max_steps} to stretch the cosine (the learning rate rises again at step "
+            f"{step + 1}). To extend runs exactly, start them with --schedule wsd.")
+    if cfg.schedule == "wsd" and new_end != old_end:
+        start = min(wsd_decay_start(e, cfg.warmup_steps, cfg.decay_fraction) for e in (old_end, new_end))
+        if step > start:
+            raise ResumeConflictError(
+                f"--max-steps {cfg.max_steps} moves the end of this wsd run's schedule from step {old_end} to "
+                f"{new_end}, but the run is at step {step}, past step {start} where the decay starts: its learning rate "
+                f"would jump, and the model would differ from one {new_end}-step run. A wsd run extends exactly only "
+                f"before its decay. Pass {floor}, or --lr-decay-steps {new_end} to accept the jump.")
 
 # %% ../notebooks/06_presets.ipynb #ec329477
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import json
 import math
 import random
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,20 +31,21 @@ from tqdm.auto import tqdm
 
 from .corpus import bundled_corpus_dir
 from .data import EmptyDataError, prepare_data, random_batch, sequential_batches, train_tokenizer_for
-from .model import build_model, register_model   # the registry of model types; re-exported here
-from .presets import MODEL_SIZES, TrainConfig, resolve_precision, resolve_preset
+from .model import build_model, model_class, register_model   # the registry of model types; re-exported here
+from .presets import (MODEL_SIZES, SCHEDULES, ResumeConflictError, TrainConfig, resolve_precision, resolve_preset,
+                               resume_config, wsd_decay_start)
 from .runfolder import (METRICS_FILE, TRAIN_CONFIG, WEIGHTS_FILE, RunDirError, RunFolder, RunInterrupted,
                                   disk_error)
 from .runs import (CHECKPOINTS, MANIFEST, CheckpointCorruptError, export_model, find_checkpoint,
                              list_checkpoints, load_run, plot_metrics, read_metrics, save_model_dir, verify_checkpoint,
                              write_checkpoint)   # the run-folder API: its home is snakes_lib.runs, these names stay here too
 from .tokenizer import TOKENIZER_FILE, SnakesTokenizer, check_tokenizer_fingerprint
-from .utils import atomic_write_bytes, atomic_write_json, pick_device, snakes_cache_dir
+from .utils import atomic_write_bytes, atomic_write_json, folder_path, pick_device, snakes_cache_dir
 
 # %% auto #0
-__all__ = ['chunked_cross_entropy', 'lm_loss', 'lr_at', 'no_weight_decay', 'make_optimizer', 'model_config_for',
-           'NonFiniteLossError', 'optimizer_to_safetensors', 'optimizer_from_safetensors', 'rng_state', 'set_rng_state',
-           'TrainResult', 'Trainer', 'train']
+__all__ = ['chunked_cross_entropy', 'lm_loss', 'lr_at', 'no_weight_decay', 'make_optimizer', 'check_model_config',
+           'model_config_for', 'NonFiniteLossError', 'optimizer_to_safetensors', 'optimizer_from_safetensors',
+           'rng_state', 'set_rng_state', 'TrainResult', 'Trainer', 'train']
 
 # %% ../notebooks/06_trainer.ipynb #17e3fca3
 def _ce_chunk_sum(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor,
@@ -92,13 +94,20 @@ def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunked: bool = 
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 # %% ../notebooks/06_trainer.ipynb #5a07d31c
-def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup to `lr`, cosine down to `min_lr` at
-    `decay_steps`, then flat at `min_lr`."""
+def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int, schedule: str = "cosine",
+          decay_fraction: float = 0.2) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup to `lr`, then
+    cosine: down to `min_lr` at `decay_steps`; wsd: flat at `lr` until `wsd_decay_start`, then linear down to `min_lr`
+    at `decay_steps`. Both stay at `min_lr` after `decay_steps`."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if warmup_steps > 0 and step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if step >= decay_steps:
         return min_lr
+    if schedule == "wsd":
+        start = wsd_decay_start(decay_steps, warmup_steps, decay_fraction)
+        return lr if step < start else lr + (min_lr - lr) * (step - start) / max(1, decay_steps - start)
     progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
@@ -129,6 +138,21 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9,
 # building, training and loading
 
 
+def check_model_config(model_type: str, model_config: Any) -> dict:
+    """`model_config` (the `--model-config` JSON) checked: an object whose keys the model type's config has."""
+    if model_config is None:
+        return {}
+    if not isinstance(model_config, dict):
+        raise ValueError(f"--model-config must be a JSON object such as '{{\"n_layer\": 2}}', got "
+                         f"{type(model_config).__name__} {json.dumps(model_config)}")
+    names = [f.name for f in dataclasses.fields(model_class(model_type).config_class)]
+    unknown = sorted(set(model_config) - set(names))
+    if unknown:
+        raise ValueError(f"--model-config: {', '.join(map(repr, unknown))} is not a field of a {model_type} model's "
+                         f"config; the fields are {', '.join(names)}")
+    return model_config
+
+
 def model_config_for(cfg: TrainConfig, vocab_size: int) -> dict:
     """The model's config dict: the size's fields, the tokenizer's vocabulary, then cfg.chunk_size / cfg.model_config."""
     if cfg.model_size not in MODEL_SIZES:
@@ -137,7 +161,7 @@ def model_config_for(cfg: TrainConfig, vocab_size: int) -> dict:
     d["vocab_size"] = vocab_size
     if cfg.chunk_size:
         d["chunk_size"] = cfg.chunk_size
-    d.update(cfg.model_config or {})
+    d.update(check_model_config(cfg.model_type, cfg.model_config))
     return d
 
 # %% ../notebooks/06_trainer.ipynb #2800c443
@@ -204,7 +228,7 @@ def set_rng_state(tensors: dict, meta: dict, data_generator: Optional[torch.Gene
 class TrainResult:
     run_dir: Path
     step: int
-    stop_reason: str              # "max_steps", "early_stopping", "time_budget", "interrupted"
+    stop_reason: str              # "max_steps", "early_stopping", "time_budget", "interrupted", "stop_at"
     train_loss: Optional[float]   # mean of the last log window
     val_loss: Optional[float]     # the last evaluation
     best_val_loss: Optional[float]
@@ -307,9 +331,10 @@ class _SetupMixin:
     def _setup(self) -> None:
         ckpt, state = self._resume_point()
         cfg, run_dir = self.cfg, self.run_dir
+        self.device = pick_device(cfg.device)         # a bad --device or cache folder is refused before any work
+        self.cache_dir = folder_path(cfg.cache_dir, "--cache-dir ") if cfg.cache_dir else snakes_cache_dir() / "tokens"
         run_dir.mkdir(parents=True, exist_ok=True)
 
-        self.device = pick_device(cfg.device)
         self.device_type = self.device.split(":")[0]
         self.precision = resolve_precision(cfg.precision, self.device)
 
@@ -336,15 +361,12 @@ class _SetupMixin:
         state = None
         if ckpt is not None:
             state = json.loads((ckpt / "trainer_state.json").read_text())
-            saved = TrainConfig.from_dict(state["config"])
-            # the run's identity comes from the checkpoint; what may change on resume is how far and how fast
-            keep = ("model_size", "model_type", "model_config", "vocab_size", "seq_len", "chunk_size", "seed",
-                    "lr", "min_lr", "warmup_steps", "lr_decay_steps", "weight_decay", "beta1", "beta2",
-                    "batch_size", "grad_accum", "val_fraction", "include", "exclude")
-            self.cfg = cfg = cfg.replace(**{k: getattr(saved, k) for k in keep},
-                                         data=cfg.data if cfg.data is not None else saved.data)
-        if self.cfg.lr_decay_steps is None:
-            self.cfg = self.cfg.replace(lr_decay_steps=self.cfg.max_steps)
+            # the run's identity comes from the checkpoint (a resume naming another is refused); notices say what changes
+            self.cfg, notices = resume_config(cfg, TrainConfig.from_dict(state["config"]), state["step"])
+            for n in notices:
+                print(f"resume: {n}", file=sys.stderr, flush=True)
+        if self.cfg.lr_decay_steps is None and self.cfg.schedule == "cosine":   # a cosine is sized once; wsd follows
+            self.cfg = self.cfg.replace(lr_decay_steps=self.cfg.max_steps)      # --max-steps (see resume_config)
         return ckpt, state
 
     def _autocast(self):
@@ -378,7 +400,7 @@ class _DataModelMixin:
         if state is not None:
             check_tokenizer_fingerprint(state["tokenizer_fingerprint"], self.tokenizer.fingerprint,
                                         where=f"{tok_path} (resuming {ckpt})")
-        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else snakes_cache_dir() / "tokens"
+        cache_dir = self.cache_dir
         self.data = prepare_data(paths, self.tokenizer, cache_dir, val_fraction=cfg.val_fraction, seed=0,
                                  include=cfg.include, exclude=cfg.exclude, progress=cfg.progress)
         check_tokenizer_fingerprint(self.tokenizer.fingerprint, self.data.tokenizer_fingerprint,
@@ -476,7 +498,8 @@ class _StepMixin:
         """One optimizer step: grad_accum micro-batches, clipping, AdamW. Returns the mean micro-batch loss."""
         cfg = self.cfg
         self.model.train()
-        lr = lr_at(self.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.lr_decay_steps)
+        lr = lr_at(self.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.lr_decay_steps or cfg.max_steps,
+                   cfg.schedule, cfg.decay_fraction)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self._snapshot = (self.data_generator.get_state(), torch.get_rng_state())
@@ -570,6 +593,9 @@ class _LoopMixin:
             while self.stop_reason is None:
                 if self.step >= cfg.max_steps:
                     self.stop_reason = "max_steps"
+                    break
+                if cfg.stop_at is not None and self.step >= cfg.stop_at:
+                    self.stop_reason = "stop_at"    # a pause: checkpoint, no extra evaluation, same schedule
                     break
                 clean, step_before = False, self.step
                 t_step = time.perf_counter()
@@ -678,8 +704,9 @@ class Trainer(_RunFolderMixin, _SetupMixin, _DataModelMixin, _StateMixin, _StepM
         if not self.eval_enabled or self.best_val is None:
             export_model(self.model, self.run_dir, cfg.model_type, {"step": self.step, "val_loss": None})
         plot_metrics(self.run_dir)
-        if self.stop_reason == "interrupted":
-            self._log(f"interrupted: checkpoint at step {self.step} in {self.run_dir}; continue with --resume")
+        if self.stop_reason in ("interrupted", "stop_at"):
+            self._log(f"{'paused' if self.stop_reason == 'stop_at' else 'interrupted'}: checkpoint at step "
+                      f"{self.step} in {self.run_dir}; continue with --resume")
         return TrainResult(run_dir=self.run_dir, step=self.step, stop_reason=self.stop_reason,
                            train_loss=float(np.mean(window[-20:])) if window else None, val_loss=self.last_val,
                            best_val_loss=self.best_val, best_step=self.best_step, tokens=self.tokens,

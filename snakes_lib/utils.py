@@ -7,9 +7,11 @@ Docs: https://github.com/snakes-course/snakes/utils.html.md"""
 # %% ../notebooks/00_utils.ipynb #47e98a50
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -19,8 +21,9 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 # %% auto #0
-__all__ = ['check', 'fsync_dir', 'atomic_write', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json', 'file_sha256',
-           'staging_dir', 'publish_dir', 'snakes_cache_dir', 'pick_device']
+__all__ = ['SEED_MAX', 'check', 'fsync_dir', 'atomic_write', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
+           'file_sha256', 'staging_dir', 'publish_dir', 'folder_path', 'snakes_cache_dir', 'pick_device', 'int_flag',
+           'float_flag']
 
 # %% ../notebooks/00_utils.ipynb #a1b76c4b
 def check(ok: bool, msg: str) -> None:
@@ -124,9 +127,18 @@ def publish_dir(tmp: str | Path, final: str | Path, keep_existing: Callable[[Pat
     return final
 
 # %% ../notebooks/00_utils.ipynb #2d82f459
+def folder_path(path: str | Path, what: str) -> Path:
+    """`path` as a Path, or ValueError if it exists and is not a folder (`what`: "--flag " or "VARIABLE=")."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{what}{p} is a file, not a folder; point it at a folder (created if missing)")
+    return p
+
+
 def snakes_cache_dir() -> Path:
-    "Where snakes keeps generated files: `$SNAKES_CACHE_DIR`, else `~/.cache/snakes`."
-    return Path(os.environ.get("SNAKES_CACHE_DIR") or Path.home() / ".cache" / "snakes")
+    "Where snakes keeps generated files: `$SNAKES_CACHE_DIR`, else `~/.cache/snakes`. ValueError if that is a file."
+    env = os.environ.get("SNAKES_CACHE_DIR")
+    return folder_path(env, "SNAKES_CACHE_DIR=") if env else Path.home() / ".cache" / "snakes"
 
 
 def pick_device(name: str = "auto") -> str:
@@ -144,3 +156,37 @@ def pick_device(name: str = "auto") -> str:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name} was asked for, but this PyTorch build sees no CUDA GPU; use --device cpu")
     return name
+
+# %% ../notebooks/00_utils.ipynb #c3f1a7e2
+SEED_MAX = 2**63 - 1
+
+
+def int_flag(lo: int = 0, hi: int = SEED_MAX) -> Callable[[str], int]:
+    "An argparse `type=`: a whole number from `lo` to `hi`."
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} is too small: use {lo} or more" if v < lo else
+                                             f"{v} is too large: use at most {hi}")
+        return v
+    parse.__name__ = "int"
+    return parse
+
+
+def float_flag(lo: float = 0.0, hi: float = math.inf, lo_open: bool = False) -> Callable[[str], float]:
+    "An argparse `type=`: a finite number from `lo` (excluded if `lo_open`) to `hi`."
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(v) or v < lo or (lo_open and v == lo) or v > hi:
+            above = f"above {lo:g}" if lo_open else f"{lo:g} or more"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: use a finite number {above}" +
+                                             (f", at most {hi:g}" if hi < math.inf else ""))
+        return v
+    parse.__name__ = "float"
+    return parse

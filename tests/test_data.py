@@ -1,5 +1,6 @@
 """snakes_lib.data: loading messy folders, the streamed token cache, splits, batches."""
 import json
+from pathlib import Path
 import shutil
 import sys
 import warnings
@@ -311,3 +312,24 @@ def test_unreadable_folder_is_reported(tmp_path):
         assert "not readable" in skipped[0].reason
     finally:
         locked.chmod(0o755)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="named pipes and symlinks")
+def test_symlink_loop_and_named_pipe_are_skipped_not_hung_on(tmp_path):
+    import os
+    import signal
+    from snakes_lib.data import corpus_fingerprint, load_documents
+    (tmp_path / "a.txt").write_text("Maia found a small red ball in the garden.\n")
+    os.symlink("loop.txt", tmp_path / "loop.txt")                     # a link to itself: ELOOP when opened
+    os.mkfifo(tmp_path / "pipe.txt")                                   # opening it for reading waits for a writer
+    signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("hung on the data folder")))
+    signal.alarm(20)
+    try:
+        skipped = []
+        docs = load_documents([tmp_path], skipped=skipped)
+        fingerprint = corpus_fingerprint([tmp_path])
+    finally:
+        signal.alarm(0)
+    assert [d.text for d in docs] == ["Maia found a small red ball in the garden.\n"] and len(fingerprint) == 16
+    reasons = {Path(s.path).name: s.reason for s in skipped}
+    assert "cannot be opened" in reasons["loop.txt"] and "not a regular file" in reasons["pipe.txt"]

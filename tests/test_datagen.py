@@ -221,3 +221,18 @@ def test_something_else_on_the_port(tmp_path):
     finally:
         web.shutdown()
         web.server_close()
+
+
+def test_cli_fails_when_every_topic_failed(tmp_path, capsys):
+    "So that `snakes data generate && snakes train` does not go on with nothing."
+    topics = tmp_path / "words.txt"
+    topics.write_text("lantern\npebble\n")
+    with FakeOllama(default="error500") as srv:
+        rc = _cli(["data", "generate", "--topics", str(topics), "--out", str(tmp_path / "out"), "--host", srv.url,
+                   "--retries", "0"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"every topic of {topics} failed and no text was written" in err
+    with FakeOllama(script=["error500"]) as srv:             # one topic failed, one written: a partial success
+        rc = _cli(["data", "generate", "--topics", str(topics), "--out", str(tmp_path / "o2"), "--host", srv.url,
+                   "--retries", "0", "--concurrency", "1"])
+    assert rc == 0 and "failed: " in capsys.readouterr().err

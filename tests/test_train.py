@@ -228,7 +228,7 @@ def test_tokenizer_mismatch_on_resume(corpus, tmp_path):
     other = SnakesTokenizer.train(["completely different text " * 50, "zebra quartz " * 40], vocab_size=280)
     other.save(tmp_path / "run" / "tokenizer.json")
     with pytest.raises(TokenizerMismatchError):
-        train(tiny_cfg(tmp_path, "run", max_steps=8, resume=True))
+        train(tiny_cfg(tmp_path, "run", max_steps=4, resume=True))
 
 
 def test_empty_data_folder_is_a_clear_error(tmp_path):
@@ -267,3 +267,74 @@ def test_early_stopping_and_outputs(corpus, tmp_path):
     recs = read_metrics(run)
     assert all("step" in r and ("train_loss" in r or "val_loss" in r) for r in recs)
     assert math.isclose(recs[-1]["val_ppl"], math.exp(recs[-1]["val_loss"]), rel_tol=1e-9)
+
+
+# ---- schedules and runs that can be extended ---------------------------------------------------------------
+from snakes_lib.presets import ResumeConflictError, wsd_decay_start
+
+
+def _lrs(run_dir):
+    return [(r["step"], r["lr"]) for r in read_metrics(run_dir) if "lr" in r]
+
+
+def test_lr_schedule_wsd_holds_then_decays():
+    lrs = [lr_at(s, 1.0, 0.1, 2, 10, "wsd", 0.2) for s in range(12)]
+    assert lrs[:2] == [0.5, 1.0] and lrs[2:8] == [1.0] * 6                 # warmup, then stable
+    assert wsd_decay_start(10, 2, 0.2) == 8 and lrs[8] == 1.0 and 0.1 < lrs[9] < 1.0 and lrs[10:] == [0.1, 0.1]
+    # a longer horizon leaves every step before the shorter one's decay unchanged: what makes extension exact
+    assert [lr_at(s, 1.0, 0.1, 2, 20, "wsd", 0.2) for s in range(8)] == lrs[:8]
+    with pytest.raises(ValueError, match="cosine, wsd"):
+        lr_at(5, 1.0, 0.1, 2, 10, "linear")
+
+
+def test_wsd_extension_before_decay_is_bit_for_bit(corpus, tmp_path):
+    full = train(tiny_cfg(tmp_path, "full", schedule="wsd", max_steps=10))
+    # a shorter wsd run (decay from step 6 of 8) interrupted at step 5, then extended to 10
+    Trainer(tiny_cfg(tmp_path, "ext", schedule="wsd", max_steps=8), callbacks=[_interrupt_at(5)]).fit()
+    rest = train(tiny_cfg(tmp_path, "ext", schedule="wsd", max_steps=10, resume=True))
+    assert rest.step == 10
+    assert _losses(tmp_path / "ext") == _losses(tmp_path / "full") and _lrs(tmp_path / "ext") == _lrs(tmp_path / "full")
+    assert _vals(tmp_path / "ext") == _vals(tmp_path / "full")
+    a, b = full.model.state_dict(), rest.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_stop_at_pauses_without_changing_the_schedule(corpus, tmp_path, schedule):
+    train(tiny_cfg(tmp_path, "full", schedule=schedule, max_steps=10))
+    paused = train(tiny_cfg(tmp_path, "cut", schedule=schedule, max_steps=10, stop_at=6))
+    assert paused.step == 6 and paused.stop_reason == "stop_at"
+    assert find_checkpoint(tmp_path / "cut").name == "step_0000006"
+    rest = train(tiny_cfg(tmp_path, "cut", schedule=schedule, max_steps=10, resume=True))
+    assert rest.step == 10 and rest.stop_reason == "max_steps"
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "full") and _lrs(tmp_path / "cut") == _lrs(tmp_path / "full")
+    assert _vals(tmp_path / "cut") == _vals(tmp_path / "full")
+
+
+def test_extending_past_the_schedule_is_refused_with_the_ways_out(corpus, tmp_path):
+    train(tiny_cfg(tmp_path, "cos", max_steps=6))                                       # cosine, finished
+    with pytest.raises(ResumeConflictError, match=r"--lr-decay-steps 6 .*--lr-decay-steps 9.*--schedule wsd"):
+        train(tiny_cfg(tmp_path, "cos", max_steps=9, resume=True))
+    on = train(tiny_cfg(tmp_path, "cos", max_steps=9, resume=True, lr_decay_steps=6))  # at the floor, as asked
+    assert on.step == 9 and [lr for s, lr in _lrs(tmp_path / "cos") if s > 6] == [pytest.approx(3e-4)] * 3
+    train(tiny_cfg(tmp_path, "w", schedule="wsd", max_steps=8))                         # finished: decayed
+    with pytest.raises(ResumeConflictError, match="past step 6 where the decay starts"):
+        train(tiny_cfg(tmp_path, "w", schedule="wsd", max_steps=10, resume=True))
+
+
+@pytest.mark.parametrize("change", [dict(model_size="small"), dict(seq_len=32), dict(data=["elsewhere"]),
+                                    dict(schedule="wsd"), dict(batch_size=2)])
+def test_resume_with_another_identity_is_refused(corpus, tmp_path, change):
+    train(tiny_cfg(tmp_path, "run", max_steps=4))
+    flag = "--" + next(iter(change)).replace("_", "-")
+    with pytest.raises(ResumeConflictError, match=f"{flag} .*the run has .*drop them"):
+        train(tiny_cfg(tmp_path, "run", max_steps=6, lr_decay_steps=6, resume=True, **change))
+    assert find_checkpoint(tmp_path / "run").name == "step_0000004"                    # nothing trained
+
+
+def test_resume_with_a_new_lr_says_so_and_uses_it(corpus, tmp_path, capsys):
+    train(tiny_cfg(tmp_path, "run", max_steps=4, lr_decay_steps=6))
+    train(tiny_cfg(tmp_path, "run", max_steps=6, lr_decay_steps=6, lr=1e-3, min_lr=1e-4, resume=True))
+    err = capsys.readouterr().err
+    assert "--lr 0.001 replaces the run's 0.003 from step 5" in err and "--min-lr 0.0001" in err
+    assert _lrs(tmp_path / "run")[-1] == (6, lr_at(5, 1e-3, 1e-4, 2, 6))
