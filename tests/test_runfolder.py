@@ -229,11 +229,13 @@ def test_ctrl_c_in_data_generate(tmp_path):
     topics = tmp_path / "words.txt"
     topics.write_text("lantern\npebble\nriver\nmoon\n")
     out = tmp_path / "out"
-    # 3 s per topic: the Ctrl-C must land while topics remain, even when a loaded CI machine starves this loop
-    with FakeOllama(delay=3.0) as srv:
+    with FakeOllama(delay=1.0) as srv:
+        # pytest-xdist's workers ignore SIGINT and a child inherits that (then Python never raises KeyboardInterrupt):
+        # give the child the default disposition, as a shell would
         p = subprocess.Popen([sys.executable, "-m", "snakes_lib", "data", "generate", "--topics", str(topics),
                               "--out", str(out), "--host", srv.url, "--concurrency", "1"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 60
         while len(list(out.glob("*.txt"))) < 1 and time.monotonic() < deadline and p.poll() is None:
             time.sleep(0.05)
