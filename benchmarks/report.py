@@ -341,11 +341,43 @@ def decode_fast_table(d: dict) -> str:
     return "\n".join(out)
 
 
+def fast_model_goals(train: dict, decode: dict) -> str:
+    "Issue 11's goals, computed from train_step and decode_fast results measured side by side (one run each)."
+    rows = {(r["model"], r["seq_len"]): r for r in train["rows"] if not r["oom"] and not r["compiled"]}
+    lengths = sorted({L for m, L in rows if m == "mamba2" and ("transformer", L) in rows})
+    ratio = {L: rows[("mamba2", L)]["ms"] / rows[("transformer", L)]["ms"] for L in lengths}
+    lighter = all(rows[("mamba2", L)]["peak_gib"] <= rows[("transformer", L)]["peak_gib"] for L in lengths)
+    parts = [f"{ratio[L]:.2f}x at {L:,} tokens" for L in lengths]
+    out = [f"Training step, Mamba-2 / Transformer++ time: " + ", ".join(parts)
+           + f" (goal: <= 1.2x at 2,048, < 1x at 8,192 and beyond); peak memory below the Transformer++'s at every "
+           f"length: {'yes' if lighter else 'no'}."]
+    graph = {(r["batch"], r["context"]): r["ms_per_token"] for r in decode["rows"]
+             if r["model"] == "mamba2_graph" and r["ms_per_token"]}
+    if graph:
+        ctx = sorted({c for b, c in graph if b == 1})
+        flat = max(graph[(1, c)] for c in ctx) / min(graph[(1, c)] for c in ctx)
+        best_rival = {}
+        for r in decode["rows"]:
+            if r["model"].startswith("transformer") and r["ms_per_token"] and r["batch"] == 1:
+                best_rival[r["context"]] = min(best_rival.get(r["context"], float("inf")), r["ms_per_token"])
+        wins = [c for c in ctx if c in best_rival and graph[(1, c)] < best_rival[c]]
+        graphed_rival = any(r["model"] == "transformer_graph" for r in decode["rows"])
+        out.append(f"Decoding at batch 1 with the CUDA graph: {min(graph[(1, c)] for c in ctx):.2f}-"
+                   f"{max(graph[(1, c)] for c in ctx):.2f} ms per token (goal: <= 2 ms), {flat:.2f}x between the slowest and fastest of {ctx[0]:,} to "
+                   f"{ctx[-1]:,} tokens of context (goal: <= 1.1x); faster than the Transformer++'s best"
+                   f"{' (eager or graphed)' if graphed_rival else ' (eager only: its graphed step is not measured yet)'}"
+                   f" at {len(wins)} of {len(ctx)} context lengths.")
+    return " ".join(out)
+
+
 def main() -> int:
     sections = [("ssd_cpu.json", ssd_table), ("ssd_cuda.json", ssd_table), ("memory_cuda.json", memory_table),
                 ("decode_cpu.json", decode_table), ("decode_cuda.json", decode_table),
                 ("compare_cpu.json", compare_table), ("compare_cuda.json", compare_table),
                 ("train_step_cuda.json", train_step_table), ("decode_fast_cuda.json", decode_fast_table)]
+    train, decode = load("train_step_cuda.json"), load("decode_fast_cuda.json")
+    if train and decode:
+        print(fast_model_goals(train, decode) + "\n")
     for name, render in sections:
         d = load(name)
         if d is None:
