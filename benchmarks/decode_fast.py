@@ -30,6 +30,14 @@ from train_step import CONFIG_115M, CONFIG_QUICK, sync  # noqa: E402
 
 
 def make_step(name, model, cache):
+    "The step to time: eager, or a CUDA graph; `mamba2_torchstep_graph` graphs chapter 05's step without chapter 10c's kernels."
+    if name == "mamba2_torchstep_graph":
+        from snakes_lib.graph_decode import GraphedStep
+        model.kernels = "torch"
+        try:
+            return GraphedStep(model, cache)
+        finally:
+            model.kernels = "auto"
     if name.endswith("_graph"):
         from snakes_lib.graph_decode import GraphedStep
         return GraphedStep(model, cache)
@@ -98,11 +106,13 @@ def main(argv=None):
     tcfg = matched_transformer_config(mcfg)
     torch.manual_seed(0)
     models = {"mamba2": Mamba2LM(mcfg).to(dev, dtype).eval(), "transformer": TransformerLM(tcfg).to(dev, dtype).eval()}
-    names = ["mamba2", "mamba2_graph", "transformer", "transformer_graph"] if cuda else ["mamba2", "transformer"]
+    names = (["mamba2", "mamba2_graph", "mamba2_torchstep_graph", "transformer", "transformer_graph"] if cuda
+             else ["mamba2", "transformer"])
     contexts = args.contexts or ([64, 256] if args.quick else [1024, 4096, 16384, 32768])
     doc = dict(benchmark="decode_fast", command=" ".join(sys.argv), device=device_name(args.device),
                torch=torch.__version__, date=datetime.date.today().isoformat(), dtype=str(dtype).replace("torch.", ""),
-               mamba2_config=mcfg.to_dict(), transformer_config=tcfg.to_dict(), rows=[])
+               mamba2_config=mcfg.to_dict(), transformer_config=tcfg.to_dict(), rows=[],
+               fused_step=cuda)   # on a GPU, mamba2 rows step with chapter 10c's kernels; torchstep rows without
     if cuda:
         doc["graph_equals_eager"] = graph_equals_eager(models["mamba2"], dev)
         print("graph == eager (greedy tokens):", doc["graph_equals_eager"], flush=True)

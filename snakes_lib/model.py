@@ -312,6 +312,9 @@ class Mamba2Mixer(nn.Module):
 
     def step(self, u, conv_state, ssm_state):
         "One token. u: (batch, d_model) -> (batch, d_model); conv_state and ssm_state are updated in place."
+        if self._fused(u) is not None:                # chapter 10c: the same step in five kernel launches
+            from . import fused_step
+            return fused_step.mixer_step(self, u, conv_state, ssm_state)
         c = self.config
         b = u.shape[0]
         z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
@@ -352,7 +355,7 @@ class Mamba2Block(nn.Module):
         return self._residual(h) + out
 
     def step(self, h, conv_state, ssm_state):
-        return self._residual(h) + self.mixer.step(self.norm(h.to(self.norm.weight.dtype)), conv_state, ssm_state)
+        return self._residual(h) + self.mixer.step(_normed(self.norm, h, self.mixer._fused(h)), conv_state, ssm_state)
 
 
 class Mamba2Backbone(nn.Module):
@@ -525,7 +528,7 @@ class Mamba2LM(nn.Module):
         for i, block in enumerate(self.backbone.layers):
             h = block.step(h, cache.conv_states[i], cache.ssm_states[i])
         cache.seqlen_offset += 1
-        h = self.backbone.norm_f(h.to(self.backbone.norm_f.weight.dtype))
+        h = _normed(self.backbone.norm_f, h, self.backbone.layers[0].mixer._fused(h))
         return self.lm_head(h)[..., : self.config.vocab_size]
 
     # -- bookkeeping ----------------------------------------------------------------------------------------
