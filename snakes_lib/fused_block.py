@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .ssd import _doc_ids
+
 # %% auto #0
 __all__ = ['CONV_CONFIG', 'gated_rmsnorm_fwd', 'gated_rmsnorm_bwd', 'causal_conv_fwd', 'causal_conv_bwd', 'gated_rmsnorm',
            'rmsnorm', 'causal_conv1d_silu', 'fused_unsupported_reason']
@@ -121,27 +123,38 @@ def gated_rmsnorm_bwd(do, y, z, weight, rstd, group_size: int):
 
 # %% ../notebooks/10_fused_block.ipynb #e692d03c
 @triton.jit
-def _conv_pre(x_ptr, w_ptr, b_ptr, L, stride_xb, stride_xl, pb, t, c, cmask, K: tl.constexpr, BT: tl.constexpr,
-              BC: tl.constexpr):
-    "The pre-activation tile p[t, c] = bias[c] + sum_k w[c, k] x[pb, t - (K-1) + k, c] (x = 0 outside [0, L)), float32."
+def _tap_ok(doc_ptr, L, pb, t, src, HAS_DOC: tl.constexpr):
+    "(BT,) mask: row src lies in [0, L) and, with document ids, in the same document as row t."
+    ok = (src >= 0) & (src < L)
+    if HAS_DOC:
+        same = tl.load(doc_ptr + pb * L + src, mask=ok, other=-1) == tl.load(doc_ptr + pb * L + t, mask=t < L, other=-2)
+        ok = ok & same
+    return ok
+
+
+@triton.jit
+def _conv_pre(x_ptr, w_ptr, b_ptr, doc_ptr, L, stride_xb, stride_xl, pb, t, c, cmask, K: tl.constexpr,
+              BT: tl.constexpr, BC: tl.constexpr, HAS_DOC: tl.constexpr):
+    """The pre-activation tile p[t, c] = bias[c] + sum_k w[c, k] x[pb, t - (K-1) + k, c], float32; x = 0 outside
+    [0, L) and, with document ids (HAS_DOC), outside row t's document."""
     pre = tl.zeros([BT, BC], dtype=tl.float32) + tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
     for k in tl.static_range(K):
         src = t - (K - 1) + k
-        m = ((src >= 0) & (src < L))[:, None] & cmask[None, :]
+        m = _tap_ok(doc_ptr, L, pb, t, src, HAS_DOC)[:, None] & cmask[None, :]
         xk = tl.load(x_ptr + pb * stride_xb + src[:, None] * stride_xl + c[None, :], mask=m, other=0.0)
         pre += xk.to(tl.float32) * tl.load(w_ptr + c * K + k, mask=cmask, other=0.0).to(tl.float32)[None, :]
     return pre
 
 
 @triton.jit
-def _causal_conv_fwd_kernel(x_ptr, w_ptr, b_ptr, o_ptr, L, C, stride_xb, stride_xl, K: tl.constexpr,
-                            BT: tl.constexpr, BC: tl.constexpr, SILU: tl.constexpr):
+def _causal_conv_fwd_kernel(x_ptr, w_ptr, b_ptr, doc_ptr, o_ptr, L, C, stride_xb, stride_xl, K: tl.constexpr,
+                            BT: tl.constexpr, BC: tl.constexpr, SILU: tl.constexpr, HAS_DOC: tl.constexpr):
     "Program (batch, time tile, channel tile): o = act(bias + sum_k w[:, k] * x[t - (K-1) + k]), x = 0 before t = 0."
     pb, pt, pc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pt * BT + tl.arange(0, BT)
     c = pc * BC + tl.arange(0, BC)
     cmask = c < C
-    acc = _conv_pre(x_ptr, w_ptr, b_ptr, L, stride_xb, stride_xl, pb, t, c, cmask, K, BT, BC)
+    acc = _conv_pre(x_ptr, w_ptr, b_ptr, doc_ptr, L, stride_xb, stride_xl, pb, t, c, cmask, K, BT, BC, HAS_DOC)
     if SILU:
         acc = acc * tl.sigmoid(acc)
     om = (t < L)[:, None] & cmask[None, :]
@@ -149,9 +162,9 @@ def _causal_conv_fwd_kernel(x_ptr, w_ptr, b_ptr, o_ptr, L, C, stride_xb, stride_
 
 # %% ../notebooks/10_fused_block.ipynb #2d1a2f6b
 @triton.jit
-def _causal_conv_bwd_delta_kernel(x_ptr, w_ptr, b_ptr, do_ptr, delta_ptr, dwb_ptr, L, C, stride_xb, stride_xl, n_tb,
-                                  tiles_per_program, K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr,
-                                  BC: tl.constexpr, SILU: tl.constexpr):
+def _causal_conv_bwd_delta_kernel(x_ptr, w_ptr, b_ptr, doc_ptr, do_ptr, delta_ptr, dwb_ptr, L, C, stride_xb, stride_xl,
+                                  n_tb, tiles_per_program, K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr,
+                                  BC: tl.constexpr, SILU: tl.constexpr, HAS_DOC: tl.constexpr):
     """Program (batch, run of time tiles, channel tile): delta = do * act'(pre) of its rows (pre recomputed from x),
     stored in float32, and the run's share of dw (K, C) and dbias (C,) written to dwb[batch * n_tb + run]."""
     pb, pr, pc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -161,8 +174,9 @@ def _causal_conv_bwd_delta_kernel(x_ptr, w_ptr, b_ptr, do_ptr, delta_ptr, dwb_pt
     db_share = tl.zeros([BC], dtype=tl.float32)
     for i in range(tiles_per_program):
         t = (pr * tiles_per_program + i) * BT + tl.arange(0, BT)
-        dw_share, db_share = _conv_delta_tile(x_ptr, w_ptr, b_ptr, do_ptr, delta_ptr, L, C, stride_xb, stride_xl,
-                                              pb, t, c, cmask, dw_share, db_share, K, KP, BT, BC, SILU)
+        dw_share, db_share = _conv_delta_tile(x_ptr, w_ptr, b_ptr, doc_ptr, do_ptr, delta_ptr, L, C, stride_xb,
+                                              stride_xl, pb, t, c, cmask, dw_share, db_share, K, KP, BT, BC, SILU,
+                                              HAS_DOC)
     base = dwb_ptr + (pb * n_tb + pr) * (K + 1) * C
     kk = tl.arange(0, KP)
     tl.store(base + kk[:, None] * C + c[None, :], dw_share, mask=(kk < K)[:, None] & cmask[None, :])
@@ -170,12 +184,12 @@ def _causal_conv_bwd_delta_kernel(x_ptr, w_ptr, b_ptr, do_ptr, delta_ptr, dwb_pt
 
 
 @triton.jit
-def _conv_delta_tile(x_ptr, w_ptr, b_ptr, do_ptr, delta_ptr, L, C, stride_xb, stride_xl, pb, t, c, cmask,
+def _conv_delta_tile(x_ptr, w_ptr, b_ptr, doc_ptr, do_ptr, delta_ptr, L, C, stride_xb, stride_xl, pb, t, c, cmask,
                      dw_share, db_share, K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                     SILU: tl.constexpr):
+                     SILU: tl.constexpr, HAS_DOC: tl.constexpr):
     "One (BT, BC) tile of delta; returns dw_share (KP, BC) and db_share (BC,) with this tile added."
     tm = (t < L)[:, None] & cmask[None, :]
-    pre = _conv_pre(x_ptr, w_ptr, b_ptr, L, stride_xb, stride_xl, pb, t, c, cmask, K, BT, BC)
+    pre = _conv_pre(x_ptr, w_ptr, b_ptr, doc_ptr, L, stride_xb, stride_xl, pb, t, c, cmask, K, BT, BC, HAS_DOC)
     delta = tl.load(do_ptr + pb * L * C + t[:, None] * C + c[None, :], mask=tm, other=0.0).to(tl.float32)
     if SILU:
         sig = tl.sigmoid(pre)
@@ -185,15 +199,15 @@ def _conv_delta_tile(x_ptr, w_ptr, b_ptr, do_ptr, delta_ptr, L, C, stride_xb, st
     kk = tl.arange(0, KP)[:, None]
     for k in tl.static_range(K):                      # x is re-read from cache: fewer live registers than keeping it
         src = t - (K - 1) + k
-        m = ((src >= 0) & (src < L))[:, None] & cmask[None, :]
+        m = _tap_ok(doc_ptr, L, pb, t, src, HAS_DOC)[:, None] & cmask[None, :]
         xk = tl.load(x_ptr + pb * stride_xb + src[:, None] * stride_xl + c[None, :], mask=m, other=0.0)
         dw_share += tl.where(kk == k, tl.sum(xk.to(tl.float32) * delta, axis=0)[None, :], 0.0)
     return dw_share, db_share + tl.sum(delta, axis=0)
 
 
 @triton.jit
-def _causal_conv_bwd_dx_kernel(delta_ptr, w_ptr, dx_ptr, L, C, K: tl.constexpr, BT: tl.constexpr,
-                               BC: tl.constexpr):
+def _causal_conv_bwd_dx_kernel(delta_ptr, w_ptr, doc_ptr, dx_ptr, L, C, K: tl.constexpr, BT: tl.constexpr,
+                               BC: tl.constexpr, HAS_DOC: tl.constexpr):
     "Program (batch, time tile, channel tile): dx[t] = sum_j w[:, K-1-j] * delta[t + j]."
     pb, pt, pc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pt * BT + tl.arange(0, BT)
@@ -202,7 +216,7 @@ def _causal_conv_bwd_dx_kernel(delta_ptr, w_ptr, dx_ptr, L, C, K: tl.constexpr, 
     dx = tl.zeros([BT, BC], dtype=tl.float32)
     for j in tl.static_range(K):
         s = t + j
-        m = (s < L)[:, None] & cmask[None, :]
+        m = _tap_ok(doc_ptr, L, pb, s, t, HAS_DOC)[:, None] & (s < L)[:, None] & cmask[None, :]
         d = tl.load(delta_ptr + pb * L * C + s[:, None] * C + c[None, :], mask=m, other=0.0)
         dx += d * tl.load(w_ptr + c * K + (K - 1 - j), mask=cmask, other=0.0).to(tl.float32)[None, :]
     tm = (t < L)[:, None] & cmask[None, :]
@@ -217,23 +231,33 @@ def _channels_dense(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def causal_conv_fwd(x, weight, bias, silu: bool = True):
-    "x (b, L, C), weight (C, K), bias (C,) -> (b, L, C) contiguous, in x.dtype."
+def _doc_arg(seq_idx, x):
+    "Document numbers (b, L) int32 for the kernels from seq_idx (see chapter 03's `_doc_ids`), or x as a dummy pointer."
+    if seq_idx is None:
+        return x, False
+    return _doc_ids(seq_idx, x.shape[0], x.shape[1], x.device).to(torch.int32).contiguous(), True
+
+
+def causal_conv_fwd(x, weight, bias, silu: bool = True, seq_idx=None):
+    """x (b, L, C), weight (C, K), bias (C,) -> (b, L, C) contiguous, in x.dtype. seq_idx (b, L) integers or None:
+    packed documents, no tap reaches across a change of label."""
     x = _channels_dense(x)
+    doc, has_doc = _doc_arg(seq_idx, x)
     b, L, C = x.shape
     K = weight.shape[-1]
     o = torch.empty(b, L, C, device=x.device, dtype=x.dtype)
     BT, BC = CONV_CONFIG["BT"], CONV_CONFIG["BC"]
     if b * L:
         _causal_conv_fwd_kernel[(b, triton.cdiv(L, BT), triton.cdiv(C, BC))](
-            x, weight, bias, o, L, C, x.stride(0), x.stride(1), K=K, BT=BT, BC=BC, SILU=silu,
+            x, weight, bias, doc, o, L, C, x.stride(0), x.stride(1), K=K, BT=BT, BC=BC, SILU=silu, HAS_DOC=has_doc,
             num_warps=CONV_CONFIG["num_warps"])
     return o
 
 
-def causal_conv_bwd(do, x, weight, bias, silu: bool = True):
+def causal_conv_bwd(do, x, weight, bias, silu: bool = True, seq_idx=None):
     "Gradients of causal_conv_fwd: (dx (b, L, C) in x.dtype, dweight (C, K) float32, dbias (C,) float32)."
     x, do = _channels_dense(x), do.contiguous()
+    doc, has_doc = _doc_arg(seq_idx, x)
     b, L, C = x.shape
     K = weight.shape[-1]
     BT, BC, warps = CONV_CONFIG["bwd_BT"], CONV_CONFIG["bwd_BC"], CONV_CONFIG["bwd_num_warps"]
@@ -244,10 +268,10 @@ def causal_conv_bwd(do, x, weight, bias, silu: bool = True):
     dwb = torch.empty(b * n_runs, K + 1, C, device=x.device, dtype=torch.float32)
     if b * L:
         _causal_conv_bwd_delta_kernel[(b, n_runs, triton.cdiv(C, BC))](
-            x, weight, bias, do, delta, dwb, L, C, x.stride(0), x.stride(1), n_runs, per, K=K,
-            KP=triton.next_power_of_2(K), BT=BT, BC=BC, SILU=silu, num_warps=warps)
+            x, weight, bias, doc, do, delta, dwb, L, C, x.stride(0), x.stride(1), n_runs, per, K=K,
+            KP=triton.next_power_of_2(K), BT=BT, BC=BC, SILU=silu, HAS_DOC=has_doc, num_warps=warps)
         _causal_conv_bwd_dx_kernel[(b, triton.cdiv(L, BT), triton.cdiv(C, BC))](
-            delta, weight, dx, L, C, K=K, BT=BT, BC=BC, num_warps=warps)
+            delta, weight, doc, dx, L, C, K=K, BT=BT, BC=BC, HAS_DOC=has_doc, num_warps=warps)
     shares = dwb.sum(0)                               # (K + 1, C): rows 0..K-1 are dw^T, row K is dbias
     return dx, shares[:K].t().contiguous(), shares[K].clone()   # separate tensors: an op's outputs may not alias
 
@@ -303,23 +327,24 @@ def rmsnorm(x, weight, eps: float = 1e-5):
 
 # %% ../notebooks/10_fused_block.ipynb #d4902a2d
 @torch.library.custom_op("snakes::causal_conv1d_silu_fwd", mutates_args=())
-def _conv_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return causal_conv_fwd(x, weight, bias)
+def _conv_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, seq_idx: torch.Tensor | None
+                 ) -> torch.Tensor:
+    return causal_conv_fwd(x, weight, bias, seq_idx=seq_idx)
 
 
 @_conv_fwd_op.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, seq_idx):
     return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("snakes::causal_conv1d_silu_bwd", mutates_args=())
-def _conv_bwd_op(do: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return causal_conv_bwd(do, x, weight, bias)
+def _conv_bwd_op(do: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 seq_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return causal_conv_bwd(do, x, weight, bias, seq_idx=seq_idx)
 
 
 @_conv_bwd_op.register_fake
-def _(do, x, weight, bias):
+def _(do, x, weight, bias, seq_idx):
     f32 = torch.float32
     return x.new_empty(x.shape), weight.new_empty(weight.shape, dtype=f32), bias.new_empty(bias.shape, dtype=f32)
 
@@ -329,17 +354,18 @@ def _conv_setup(ctx, inputs, output):
 
 
 def _conv_backward(ctx, do):
-    x, weight, bias = ctx.saved_tensors
-    dx, dw, db = _conv_bwd_op(do, x, weight, bias)
-    return dx, dw.to(weight.dtype), db.to(bias.dtype)
+    x, weight, bias, seq_idx = ctx.saved_tensors
+    dx, dw, db = _conv_bwd_op(do, x, weight, bias, seq_idx)
+    return dx, dw.to(weight.dtype), db.to(bias.dtype), None
 
 
 _conv_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
-def causal_conv1d_silu(x, weight, bias):
-    "silu(causal depthwise conv1d): x (b, L, C), weight (C, K), bias (C,) -> (b, L, C); x = 0 before the start."
-    return _conv_fwd_op(x, weight.contiguous(), bias)
+def causal_conv1d_silu(x, weight, bias, seq_idx=None):
+    """silu(causal depthwise conv1d): x (b, L, C), weight (C, K), bias (C,) -> (b, L, C); x = 0 before the start.
+    seq_idx (b, L) integers or None: packed documents; a tap never reads across a change of label."""
+    return _conv_fwd_op(x, weight.contiguous(), bias, seq_idx)
 
 # %% ../notebooks/10_fused_block.ipynb #b26132a9
 def fused_unsupported_reason(t: torch.Tensor, group_size: int | None = None) -> str | None:

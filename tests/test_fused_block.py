@@ -66,7 +66,39 @@ def test_ops_pass_opcheck():
     y, z = torch.randn(3, 5, 16, device=DEVICE), torch.randn(3, 5, 16, device=DEVICE)
     torch.library.opcheck(FB._norm_fwd_op, (y.requires_grad_(), z.requires_grad_(), torch.randn(16, device=DEVICE), 8, 1e-5))
     x = torch.randn(2, 9, 12, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(FB._conv_fwd_op, (x, torch.randn(12, 4, device=DEVICE), torch.randn(12, device=DEVICE)))
+    w, b = torch.randn(12, 4, device=DEVICE), torch.randn(12, device=DEVICE)
+    torch.library.opcheck(FB._conv_fwd_op, (x, w, b, None))
+    torch.library.opcheck(FB._conv_fwd_op, (x, w, b, (torch.arange(9, device=DEVICE) // 4).expand(2, 9)))
+
+
+def conv_per_document(x, w, bias, seq_idx):
+    "silu(conv) run on each run of equal labels separately. x (b, L, C), seq_idx (b, L)."
+    K, rows = w.shape[-1], []
+    for xb, sb in zip(x, seq_idx.tolist()):
+        starts = [0] + [t for t in range(1, len(sb)) if sb[t] != sb[t - 1]] + [len(sb)]
+        rows.append(torch.cat([F.silu(F.conv1d(F.pad(xb[s:e].t()[None], (K - 1, 0)), w[:, None, :], bias,
+                                                groups=w.shape[0]))[0].t() for s, e in zip(starts, starts[1:])]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("b,L,C,K,p_new", [(1, 1, 3, 4, 0.5), (2, 67, 21, 4, 0.1), (3, 130, 9, 3, 0.3), (1, 20, 5, 2, 1.0)])
+def test_causal_conv_with_seq_idx_equals_each_document_alone(b, L, C, K, p_new):
+    gen = torch.Generator().manual_seed(L * C)
+    seq_idx = torch.cumsum(torch.rand(b, L, generator=gen) < p_new, dim=1) % 2     # labels recur: 0, 1, 0, ...
+    x = torch.randn(b, L, C, dtype=torch.float64, generator=gen)
+    w, bias = torch.randn(C, K, dtype=torch.float64, generator=gen), torch.randn(C, dtype=torch.float64, generator=gen)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, bias))
+    ref = conv_per_document(xr, wr, br, seq_idx)
+    do = torch.randn_like(ref)
+    ref.backward(do)
+    xf, wf, bf = (t.float().to(DEVICE).requires_grad_() for t in (x, w, bias))
+    out = FB.causal_conv1d_silu(xf, wf, bf, seq_idx=seq_idx.to(DEVICE))
+    out.backward(do.float().to(DEVICE))
+    for a, r in [(out, ref), (xf.grad, xr.grad), (wf.grad, wr.grad), (bf.grad, br.grad)]:
+        assert rel(a.cpu(), r) < 1e-5
+    # one document everywhere is the plain convolution
+    same = FB.causal_conv1d_silu(xf.detach(), wf.detach(), bf.detach(), seq_idx=torch.zeros_like(seq_idx).to(DEVICE))
+    assert torch.equal(same, FB.causal_conv1d_silu(xf.detach(), wf.detach(), bf.detach()))
 
 
 @pytest.mark.parametrize("ngroups,L", [(1, 1), (2, 37), (1, 64)])
