@@ -19,13 +19,14 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .hippo import INIT_A_METHODS, init_A_log, init_dt_bias
-from .ssd import ssd_chunked, ssd_step
+from .ssd import _doc_ids, ssd_chunked, ssd_step
 from .utils import atomic_write, atomic_write_text
 
 # %% auto #0
-__all__ = ['MODEL_TYPES', 'Mamba2Config', 'RMSNorm', 'GatedRMSNorm', 'Mamba2Mixer', 'Mamba2Block', 'Mamba2Backbone',
-           'Mamba2Cache', 'Mamba2LM', 'mamba2_num_parameters', 'hf_to_snakes_state_dict', 'snakes_to_hf_state_dict',
-           'load_mamba2', 'save_mamba2', 'register_model', 'model_class', 'build_model', 'load_model']
+__all__ = ['MODEL_TYPES', 'Mamba2Config', 'RMSNorm', 'GatedRMSNorm', 'causal_conv_documents', 'Mamba2Mixer', 'Mamba2Block',
+           'Mamba2Backbone', 'Mamba2Cache', 'Mamba2LM', 'mamba2_num_parameters', 'hf_to_snakes_state_dict',
+           'snakes_to_hf_state_dict', 'load_mamba2', 'save_mamba2', 'register_model', 'model_class', 'build_model',
+           'load_model']
 
 # %% ../notebooks/05_model.ipynb #6a5bb35b
 _MIXER_FIELDS = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size",
@@ -220,6 +221,21 @@ class GatedRMSNorm(nn.Module):
         g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
         return (g.flatten(-2) * _upcast(self.weight)).to(y.dtype)
 
+# %% ../notebooks/05_model.ipynb #aa857f02
+def causal_conv_documents(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor:
+    """The mixer's causal depthwise convolution over packed documents, before the SiLU. x (batch, seqlen, channels),
+    weight (channels, d_conv), bias (channels,), seq_idx (batch, seqlen) integers -> (batch, seqlen, channels).
+    A tap reaching back into another document (or before the start) reads zero."""
+    b, l, _ = x.shape
+    doc = _doc_ids(seq_idx, b, l, x.device)
+    K = weight.shape[-1]
+    out = bias.to(x.dtype).expand_as(x)
+    for back in range(K):                                  # the tap `back` steps into the past uses weight[:, K-1-back]
+        shifted = F.pad(x, (0, 0, back, 0))[:, :l]
+        same = F.pad(doc, (back, 0), value=-1)[:, :l] == doc
+        out = out + shifted * same[..., None] * weight[:, K - 1 - back]
+    return out
+
 # %% ../notebooks/05_model.ipynb #828a999b
 class Mamba2Mixer(nn.Module):
     "The official Mamba-2 mixer. forward: u (batch, seqlen, d_model) -> (batch, seqlen, d_model)."
@@ -265,32 +281,37 @@ class Mamba2Mixer(nn.Module):
         c = self.config
         return torch.split(xBC, [self.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
 
-    def forward(self, u, conv_state=None, ssm_state=None):
+    def forward(self, u, conv_state=None, ssm_state=None, seq_idx=None):
         """u: (batch, seqlen, d_model). With conv_state (batch, conv_dim, d_conv) and ssm_state
-        (batch, nheads, headdim, d_state) the sequence continues from them, and they are updated in place."""
+        (batch, nheads, headdim, d_state) the sequence continues from them, and they are updated in place.
+        seq_idx (batch, seqlen) integers: packed documents; neither the conv nor the SSM state crosses a change of label."""
         c = self.config
         b, l, _ = u.shape
+        if seq_idx is not None and (conv_state is not None or ssm_state is not None):
+            raise ValueError("seq_idx (packed documents) is for training and scoring whole windows, not with a cache")
         z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xBC_t = xBC.transpose(1, 2)                                            # (b, conv_dim, l)
         w, bias = self.conv1d.weight, self.conv1d.bias                         # (conv_dim, 1, d_conv), (conv_dim,)
         fused = self._fused(u) if conv_state is None else None
         if fused is not None:                                                  # chapter 10: one kernel, no transposes
-            xBC = fused.causal_conv1d_silu(xBC, w[:, 0, :], bias)
+            xBC = fused.causal_conv1d_silu(xBC, w[:, 0, :], bias, seq_idx=seq_idx)
         elif conv_state is None:
             xBC_t = F.pad(xBC_t, (c.d_conv - 1, 0))                            # causal: zeros on the left
         else:
             history = torch.cat([conv_state.to(xBC_t.dtype), xBC_t], dim=-1)  # (b, conv_dim, d_conv + l)
             conv_state.copy_(history[:, :, -c.d_conv:])
             xBC_t = history[:, :, 1:]                                          # last d_conv-1 inputs, then the new
-        if fused is None:
+        if fused is None and seq_idx is not None:                              # packed documents: masked taps
+            xBC = F.silu(causal_conv_documents(xBC, w[:, 0, :], bias, seq_idx))
+        elif fused is None:
             xBC = F.silu(F.conv1d(xBC_t, w, bias, groups=self.conv_dim)).transpose(1, 2)   # (b, l, conv_dim)
         if self.recompute_ssd and ssm_state is None and self.training and torch.is_grad_enabled():
-            y = torch.utils.checkpoint.checkpoint(self._ssd_gated, xBC, dt, z, use_reentrant=False)
+            y = torch.utils.checkpoint.checkpoint(self._ssd_gated, xBC, dt, z, None, seq_idx, use_reentrant=False)
         else:
-            y = self._ssd_gated(xBC, dt, z, ssm_state)
+            y = self._ssd_gated(xBC, dt, z, ssm_state, seq_idx)
         return self.out_proj(y)
 
-    def _ssd_gated(self, xBC, dt, z, ssm_state=None):
+    def _ssd_gated(self, xBC, dt, z, ssm_state=None, seq_idx=None):
         "SSD over the conv output, then the gated norm. xBC (b, l, conv_dim), dt (b, l, nheads), z (b, l, d_inner)."
         c = self.config
         b, l, _ = xBC.shape
@@ -300,7 +321,7 @@ class Mamba2Mixer(nn.Module):
                                B.reshape(b, l, c.ngroups, c.d_state), C.reshape(b, l, c.ngroups, c.d_state),
                                chunk_size=c.chunk_size, D=D,
                                initial_state=None if ssm_state is None else ssm_state.to(x.dtype),
-                               check_values=False,                     # dt > 0 by the clamp above: no sync
+                               check_values=False, seq_idx=seq_idx,    # dt > 0 by the clamp above: no sync
                                backend="auto" if self.kernels == "auto" else self.kernels)
         if ssm_state is not None:
             ssm_state.copy_(final)
@@ -350,8 +371,8 @@ class Mamba2Block(nn.Module):
     def _residual(self, h):
         return h.float() if self.config.residual_in_fp32 and h.dtype in (torch.float16, torch.bfloat16) else h
 
-    def forward(self, h, conv_state=None, ssm_state=None):
-        out = self.mixer(_normed(self.norm, h, self.mixer._fused(h)), conv_state, ssm_state)
+    def forward(self, h, conv_state=None, ssm_state=None, seq_idx=None):
+        out = self.mixer(_normed(self.norm, h, self.mixer._fused(h)), conv_state, ssm_state, seq_idx)
         return self._residual(h) + out
 
     def step(self, h, conv_state, ssm_state):
@@ -476,30 +497,34 @@ class Mamba2LM(nn.Module):
             raise ValueError(f"token ids must lie in [0, {self.config.padded_vocab_size}); got min "
                              f"{lo}, max {hi} — wrong tokenizer for this model?")
 
-    def hidden_states(self, input_ids, cache: Mamba2Cache | None = None):
-        "input_ids (batch, seqlen) -> hidden states after norm_f (batch, seqlen, d_model)."
+    def hidden_states(self, input_ids, cache: Mamba2Cache | None = None, seq_idx=None):
+        """input_ids (batch, seqlen) -> hidden states after norm_f (batch, seqlen, d_model). seq_idx (batch, seqlen)
+        integers or None: packed documents, each processed as if it were alone (see `forward`)."""
         self._check_ids(input_ids)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seqlen), got shape {tuple(input_ids.shape)}")
         if cache is not None and cache.batch_size != input_ids.shape[0]:
             raise ValueError(f"cache was allocated for batch {cache.batch_size}, input_ids has batch {input_ids.shape[0]}")
+        if cache is not None and seq_idx is not None:
+            raise ValueError("seq_idx (packed documents) is for training and scoring whole windows, not with a cache")
         h = self.backbone.embedding(input_ids)
         for i, block in enumerate(self.backbone.layers):
             if cache is not None:
                 h = block(h, cache.conv_states[i], cache.ssm_states[i])
             elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(block, h, None, None, seq_idx, use_reentrant=False)
             else:
-                h = block(h)
+                h = block(h, seq_idx=seq_idx)
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
         fused = self.backbone.layers[0].mixer._fused(h) if len(self.backbone.layers) else None
         return _normed(self.backbone.norm_f, h, fused)
 
-    def forward(self, input_ids, cache: Mamba2Cache | None = None):
+    def forward(self, input_ids, cache: Mamba2Cache | None = None, seq_idx=None):
         """input_ids (batch, seqlen) -> logits (batch, seqlen, vocab_size). With a cache: continue from its state
-        (prefill, possibly in several calls) and leave the final conv and SSM states in it."""
-        return self.lm_head(self.hidden_states(input_ids, cache))[..., : self.config.vocab_size]
+        (prefill, possibly in several calls) and leave the final conv and SSM states in it. seq_idx (batch, seqlen)
+        integers: a window of packed documents (a new one wherever the label changes), each scored as if alone."""
+        return self.lm_head(self.hidden_states(input_ids, cache, seq_idx))[..., : self.config.vocab_size]
 
     # -- the recurrent path ---------------------------------------------------------------------------------
     def allocate_inference_cache(self, batch_size: int, dtype=None, device=None, *, max_seqlen=None) -> Mamba2Cache:

@@ -381,3 +381,35 @@ def test_compiled_model_has_no_graph_break_and_matches_eager():
     assert g_e.keys() == g_c.keys() and max(rel(g_c[n], g_e[n]) for n in g_e) <= 1e-4
     with pytest.raises(ValueError, match="wrong tokenizer"):              # eager keeps the clear error
         m(torch.tensor([[1, 2, 999]]))
+
+
+@pytest.mark.parametrize("lengths,chunk,d_conv", [([1, 6], 4, 4), ([5, 1, 9], 4, 3), ([13, 17], 8, 4), ([2, 2, 2, 2, 3], 2, 2)])
+def test_packed_documents_with_seq_idx_equal_each_document_alone(lengths, chunk, d_conv):
+    torch.manual_seed(sum(lengths))
+    cfg = Mamba2Config(d_model=24, n_layer=2, vocab_size=40, d_state=6, headdim=6, ngroups=2, chunk_size=chunk,
+                       d_conv=d_conv)
+    model = Mamba2LM(cfg).double()
+    docs = [torch.randint(0, 40, (2, n)) for n in lengths]
+    labels = torch.cat([torch.full((2, n), i % 2) for i, n in enumerate(lengths)], dim=1)   # labels recur: 0, 1, 0
+    packed = model(torch.cat(docs, dim=1), seq_idx=labels)
+    alone = torch.cat([model(d) for d in docs], dim=1)
+    torch.testing.assert_close(packed, alone, rtol=1e-10, atol=1e-10)
+    # the same with the memory knobs: checkpointed blocks and a recomputed SSD give the same loss gradients
+    model.train()
+    grads = {}
+    for knobs in ((False, False), (True, True)):
+        model.gradient_checkpointing = knobs[0]
+        for block in model.backbone.layers:
+            block.mixer.recompute_ssd = knobs[1]
+        model.zero_grad()
+        model(torch.cat(docs, dim=1), seq_idx=labels).sum().backward()
+        grads[knobs] = [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(grads[(False, False)], grads[(True, True)]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_seq_idx_with_a_cache_is_refused():
+    model = Mamba2LM(Mamba2Config(d_model=16, n_layer=1, vocab_size=20, d_state=4, headdim=4))
+    cache = model.allocate_inference_cache(1)
+    with pytest.raises(ValueError, match="not with a cache"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=cache, seq_idx=torch.zeros(1, 3, dtype=torch.long))
