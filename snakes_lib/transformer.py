@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .model import RMSNorm, mamba2_num_parameters   # the one RMSNorm and parameter count (chapter 05)
+from .ssd import _doc_ids                 # packed documents' labels -> document numbers (chapter 03)
 
 # %% auto #0
 __all__ = ['TransformerConfig', 'rotary_cos_sin', 'apply_rotary', 'KVCache', 'CausalSelfAttention', 'SwiGLU', 'TransformerBlock',
@@ -171,8 +172,9 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None):
-        "x: (batch, seqlen, d_model) -> (batch, seqlen, d_model)."
+    def forward(self, x, cos, sin, cache: KVCache | None = None, doc_mask=None):
+        """x: (batch, seqlen, d_model) -> (batch, seqlen, d_model). doc_mask (batch, 1, seqlen, seqlen) bool or None:
+        which keys each query may see (packed documents: causal and within the query's document)."""
         b, L, _ = x.shape
         q, k, v = (p(x).view(b, L, self.n_head, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -182,7 +184,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if offset == 0:
+        if doc_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=doc_mask)
+        elif offset == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif L == 1:  # one decoding step: a plain softmax(q k^T) v, see below
             cd = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -233,8 +237,8 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache: KVCache | None = None, doc_mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, doc_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 # %% ../notebooks/08_transformer.ipynb #2fa9c3a4
@@ -285,9 +289,17 @@ class TransformerLM(nn.Module):
             raise ValueError(f"token ids must lie in [0, {self.config.padded_vocab_size}); got min "
                              f"{int(input_ids.min())}, max {int(input_ids.max())} — wrong tokenizer for this model?")
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        "input_ids: (batch, seqlen) int64 -> (batch, seqlen, d_model) after the final norm."
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None, seq_idx=None) -> torch.Tensor:
+        """input_ids: (batch, seqlen) int64 -> (batch, seqlen, d_model) after the final norm. seq_idx (batch, seqlen)
+        integers or None: packed documents; a token attends only to earlier tokens of its own document."""
         self._check_ids(input_ids)
+        doc_mask = None
+        if seq_idx is not None:
+            if cache is not None:
+                raise ValueError("seq_idx (packed documents) is for training and scoring whole windows, not with a cache")
+            doc = _doc_ids(seq_idx, *input_ids.shape, input_ids.device)
+            causal = torch.ones(input_ids.shape[1], input_ids.shape[1], dtype=torch.bool, device=input_ids.device).tril()
+            doc_mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]      # (batch, 1, seqlen, seqlen)
         x = self.backbone.embedding(input_ids)
         L = input_ids.shape[1]
         offset = 0 if cache is None else cache.seqlen_offset
@@ -296,18 +308,20 @@ class TransformerLM(nn.Module):
         cos, sin = rotary_cos_sin(offset, L, self.config.head_dim, self.config.rope_theta, x.device, x.dtype)
         for layer in self.backbone.layers:
             if self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, None, doc_mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cache)
+                x = layer(x, cos, sin, cache, doc_mask)
         if cache is not None:
             cache.seqlen_offset += L
             cache.position += L
         return self.backbone.norm_f(x)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, seq_idx=None) -> torch.Tensor:
         """input_ids: (batch, seqlen) -> logits (batch, seqlen, vocab_size). With a cache, the tokens continue
-        the cached sequence (prefill, or chunked prefill over several calls) and the cache is updated."""
-        return self.lm_head(self.hidden_states(input_ids, cache))[..., : self.config.vocab_size]
+        the cached sequence (prefill, or chunked prefill over several calls) and the cache is updated. seq_idx
+        (batch, seqlen) integers: packed documents, each attending only within itself (rotary positions are relative,
+        so each document is scored as if it were alone)."""
+        return self.lm_head(self.hidden_states(input_ids, cache, seq_idx))[..., : self.config.vocab_size]
 
     def allocate_inference_cache(self, batch_size: int, dtype=None, device=None, max_seqlen: int | None = None) -> KVCache:
         "An empty KV cache; preallocated for max_seqlen positions, or growing (doubling) when max_seqlen is None."

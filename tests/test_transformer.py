@@ -169,3 +169,18 @@ def test_preallocated_cache_decodes_with_the_static_step_exactly_like_the_growin
     assert torch.allclose(runs[None][1], runs[31][1], atol=1e-5, rtol=1e-5)
     with torch.no_grad(), pytest.raises(ValueError, match="max_seqlen=31"):
         model.step(tok, cache)                           # position 31 of a 31-position cache
+
+
+@pytest.mark.parametrize("lengths", [[1, 4], [6, 1, 7], [3, 3, 3, 3]])
+def test_packed_documents_with_seq_idx_equal_each_document_alone(lengths):
+    torch.manual_seed(len(lengths))
+    model = TransformerLM(TransformerConfig(d_model=32, n_layer=2, n_head=4, vocab_size=60)).double()
+    docs = [torch.randint(0, 60, (2, n)) for n in lengths]
+    labels = torch.cat([torch.full((2, n), i % 2) for i, n in enumerate(lengths)], dim=1)
+    packed = model(torch.cat(docs, dim=1), seq_idx=labels)
+    torch.testing.assert_close(packed, torch.cat([model(d) for d in docs], dim=1), rtol=1e-10, atol=1e-10)
+    model.train()
+    model.gradient_checkpointing = True
+    model(torch.cat(docs, dim=1), seq_idx=labels).sum().backward()        # the checkpointed path takes the mask too
+    with pytest.raises(ValueError, match="not with a cache"):
+        model(docs[0], cache=model.allocate_inference_cache(2), seq_idx=labels[:, :lengths[0]])
