@@ -22,6 +22,13 @@ call; plus the error of y and every gradient against snakes_torch in float64. Ti
     python benchmarks/ssd.py --device cuda --kernels-only --official .official
     python benchmarks/report.py              # renders it, with the other tables
 
+--seq-idx (with --device cuda) measures only packed documents: snakes_triton with seq_idx against the same call
+without it, at the goal shapes in bf16, with documents of mean length 2048, 512 and 64 tokens, forward and
+forward+backward; plus y and every gradient against snakes_torch in float64 with the same seq_idx (bf16 and float32).
+It writes the "seq_idx" key of ssd_cuda.json and keeps the others (--tiny --seq-idx: the CPU dry run).
+
+    python benchmarks/ssd.py --device cuda --seq-idx
+
 Not handled: multi-GPU, other dtypes than float32/bfloat16.
 """
 from __future__ import annotations
@@ -433,6 +440,74 @@ def run_kernels(args, device) -> dict:
     return section
 
 
+def packed_seq_idx(batch, seqlen, mean_len, device, seed=0):
+    """(batch, seqlen) int32 document labels, a different random split per row with about seqlen / mean_len
+    documents (starts uniform over the row; some land on chunk edges, some documents are one token long)."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.zeros(batch, seqlen, dtype=torch.int32)
+    ncuts = max(1, seqlen // mean_len - 1)
+    for row in range(batch):
+        starts[row, torch.randint(1, seqlen, (ncuts,), generator=g)] = 1
+    return starts.cumsum(1, dtype=torch.int32).to(device)
+
+
+def run_seq_idx(args, device) -> dict:
+    """snakes_triton with seq_idx vs without, timing at the goal shapes, and the error of y and every gradient
+    against snakes_torch in float64 with the same seq_idx."""
+    t_start = time.perf_counter()
+    cuda = device.type == "cuda"
+    cfg = kernels_config(args.tiny)
+    dtype = getattr(torch, cfg["dtype"])
+    mod = load_triton_module(args.triton_module)
+    mean_lens = [24, 5] if args.tiny else [2048, 512, 64]
+    Q = cfg["chunk_size"]
+    print(f"\nseq_idx (packed documents) on {device_name(args.device)}: {cfg['dtype']}, {cfg['nheads']} heads x headdim "
+          f"{cfg['headdim']}, dstate {cfg['dstate']}, chunk {Q}; documents of mean length {mean_lens}", flush=True)
+    correctness = []
+    for case in cfg["correctness"][1:]:
+        b, L, g, Qc, cdtype = case["batch"], case["seqlen"], case["ngroups"], case["chunk_size"], getattr(torch, case["dtype"])
+        inputs, dy = ssd_inputs(b, L, cfg["nheads"], cfg["headdim"], cfg["dstate"], g, cdtype, device, seed=1)
+        seq_idx = packed_seq_idx(b, L, mean_lens[-1], device, seed=1)
+        ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+        y_ref, _ = ssd_chunked(*ref_inputs[:5], chunk_size=Qc, D=ref_inputs[5], check_values=False, backend="torch",
+                               seq_idx=seq_idx)
+        refs = [y_ref.detach(), *torch.autograd.grad(y_ref, ref_inputs, grad_outputs=dy.double())]
+        x, dt, A, B, C, D = inputs
+        y = mod.ssd_chunked_triton(x, dt, A, B, C, chunk_size=Qc, D=D, check_values=False, seq_idx=seq_idx)[0]
+        grads = torch.autograd.grad(y, inputs, grad_outputs=dy)
+        errs = {k: float(f"{rel_err(a, r):.3e}") for k, a, r in zip(("y",) + GRAD_NAMES, (y, *grads), refs)}
+        correctness.append(dict(case, documents=int(seq_idx[:, -1].sum()) + b, errors=errs))
+        print(f"  correctness {b} x {L} g{g} chunk {Qc} {case['dtype']}: " + "  ".join(f"{k} {v:.1e}" for k, v in errs.items()),
+              flush=True)
+        del inputs, dy, ref_inputs, refs, y, grads
+        _free(cuda)
+    timers = make_timers(cuda)
+    rows = []
+    for b, L in [tuple(s) for s in cfg["goal_shapes"]]:
+        inputs, dy = ssd_inputs(b, L, cfg["nheads"], cfg["headdim"], cfg["dstate"], cfg["ngroups"], dtype, device)
+        x, dt, A, B, C, D = inputs
+        for mean_len in [None] + mean_lens:
+            seq_idx = None if mean_len is None else packed_seq_idx(b, L, mean_len, device)
+            fwd = lambda: mod.ssd_chunked_triton(x, dt, A, B, C, chunk_size=Q, D=D, check_values=False, seq_idx=seq_idx)[0]
+            row = dict(batch=b, seqlen=L, mean_doc_len=mean_len,
+                       documents=None if seq_idx is None else int(seq_idx[:, -1].sum()) + b)
+            row.update(measure_impl(fwd, inputs, dy, timers, cuda))
+            base = rows[-1 - mean_lens.index(mean_len)] if mean_len is not None else row
+            row["fwd_vs_none"] = round(row["fwd_ms"] / base["fwd_ms"], 3)
+            row["fb_vs_none"] = round(row["fb_ms"] / base["fb_ms"], 3)
+            rows.append(row)
+            print(f"  {b:>3} x {L:>6}, {'no seq_idx' if mean_len is None else f'documents ~{mean_len} tokens':<22}: "
+                  f"fwd {row['fwd_ms']:.3f} ms (x{row['fwd_vs_none']:.2f}), f+b {row['fb_ms']:.3f} ms "
+                  f"(x{row['fb_vs_none']:.2f}), peak {row['peak_gib']:.3f} GiB", flush=True)
+            _free(cuda)
+        del inputs, dy, x, dt, A, B, C, D
+        _free(cuda)
+    return dict(device=device_name(args.device), device_type=device.type, torch=torch.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                config=dict(cfg, mean_doc_lens=mean_lens), rows=rows, correctness=correctness,
+                wall_s=round(time.perf_counter() - t_start, 1))
+
+
 def print_kernels(k: dict) -> None:
     "The impl x shape table with the ratios, the sweep crossover, the goal checks, the errors."
     s = k["summary"]
@@ -502,6 +577,8 @@ def main(argv=None):
     k.add_argument("--copy-bw", type=float, default=COPY_BW, help="bytes/s for the I/O floor (default 4.3e12, H200 copy)")
     k.add_argument("--peak-flops", type=float, default=PEAK_FLOPS, help="FLOP/s for the FLOP floor (default 790e12)")
     k.add_argument("--no-correctness", action="store_true", help="skip the float64 error check")
+    k.add_argument("--seq-idx", action="store_true", help="run only the packed-documents check (seq_idx vs none); "
+                                                          "merge it into the JSON's \"seq_idx\" key")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # CPU dry run of the kernels part (TRITON_INTERPRET=1)
     p.add_argument("--triton-module", default="snakes_lib.ssd_triton", help=argparse.SUPPRESS)  # a module name or a .py file
     args = p.parse_args(argv)
@@ -510,6 +587,15 @@ def main(argv=None):
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.device, args.kernels_only = "cpu", True
     cuda = setup_device(p, args)
+    if args.seq_idx:
+        if not (cuda or args.tiny):
+            p.error("--seq-idx needs --device cuda")
+        out = args.out or ROOT / "benchmarks" / "results" / ("local/ssd_tiny.json" if args.tiny else "ssd_cuda.json")
+        doc = read_json(out) or dict(benchmark="ssd", device_type="cuda" if cuda else "cpu")
+        doc["seq_idx"] = run_seq_idx(args, torch.device(args.device))
+        write_json_atomic(out, doc)
+        print(f"\nwrote the \"seq_idx\" key of {out}")
+        return doc
     if args.kernels_only:
         if not (cuda or args.tiny):
             p.error("--kernels-only needs --device cuda")

@@ -237,22 +237,18 @@ def ssd_minimal(x, dt, A, B, C, chunk_size: int, initial_state=None, passing: st
 _FALLBACK_WARNED: set = set()
 
 
-def _fast_backend(x, B, chunk_size, backend: str, seq_idx=None):
+def _fast_backend(x, B, chunk_size, backend: str):
     """The chapter 09 Triton `ssd_chunked` when it can run this call, else None (backend "auto" warns once why)."""
     if backend not in ("auto", "triton"):
         raise ValueError(f'backend must be "auto", "torch" or "triton", got {backend!r}')
     if not isinstance(x, torch.Tensor) or (backend == "auto" and not x.is_cuda):
         return None                                 # bad inputs get the PyTorch path's clear errors
-    if seq_idx is not None:                         # packed documents: not in the chapter 09 kernels yet
-        reason = "seq_idx (packed documents) is not supported by the Triton kernels yet"
-    else:
-        reason = None
     try:
         from . import ssd_triton                    # chapter 09; needs the triton package
     except ImportError as e:
-        reason = reason or f"the triton package is not importable ({e})"
+        reason = f"the triton package is not importable ({e})"
     else:
-        reason = reason or ssd_triton.triton_unsupported_reason(x, B, chunk_size)
+        reason = ssd_triton.triton_unsupported_reason(x, B, chunk_size)
         if reason is None:
             return ssd_triton.ssd_chunked_triton
     if backend == "triton":
@@ -299,11 +295,11 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None
     which neither decays nor adds to the state). Returns (y (batch, seqlen, nheads, headdim),
     final_state (batch, nheads, headdim, dstate)). backend: "torch" is the code below; "triton" the fused GPU
     kernels of chapter 09; "auto" takes Triton for CUDA tensors it supports, else this code. seq_idx (batch, seqlen)
-    integers or None: packed documents, the state resets where it changes (PyTorch path only, for now)."""
+    integers or None: packed documents, the state resets where it changes (on either backend)."""
     if backend != "torch":
-        fast = _fast_backend(x, B, chunk_size, backend, seq_idx)
+        fast = _fast_backend(x, B, chunk_size, backend)
         if fast is not None:
-            return fast(x, dt, A, B, C, chunk_size, D, initial_state, check_values)
+            return fast(x, dt, A, B, C, chunk_size, D, initial_state, check_values, seq_idx=seq_idx)
     batch, seqlen, nheads, headdim, ngroups, dstate = check_ssd_inputs(x, dt, A, B, C, D, initial_state,
                                                                        check_values)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:

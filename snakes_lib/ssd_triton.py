@@ -14,12 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .ssd import check_ssd_inputs
+from .ssd import _doc_ids, check_ssd_inputs
 
 # %% auto #0
 __all__ = ['KERNEL_CONFIG', 'decay_cumsum', 'chunk_outer', 'state_passing', 'chunk_scan', 'chunk_states_fused',
            'chunk_states_fused_bwd', 'ssd_forward', 'state_passing_bwd', 'ssd_backward', 'triton_unsupported_reason',
-           'ssd_chunked_triton']
+           'document_ids', 'ssd_chunked_triton']
 
 # %% ../notebooks/09_ssd_triton.ipynb #275db301
 KERNEL_CONFIG = dict(outer=dict(BK=64, num_warps=4, num_stages=2),
@@ -38,6 +38,30 @@ def _mm(a, b, IEEE: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def _docs(doc_ptr, b, t, seqlen):
+    "Packed documents: the ids of positions t of row b (past seqlen -1; those positions hold zeros anyway)."
+    return tl.load(doc_ptr + b * seqlen + t, mask=t < seqlen, other=-1)
+
+
+@triton.jit
+def _chunk_docs(doc_ptr, b, c, seqlen, Q: tl.constexpr):
+    """The document of the state entering chunk c (its previous token's; chunk 0: its first token's, so the initial
+    state belongs to the first document) and the document of chunk c's last token."""
+    row = doc_ptr + b * seqlen
+    return tl.load(row + tl.maximum(c * Q - 1, 0)), tl.load(row + tl.minimum(c * Q + Q, seqlen) - 1)
+
+
+@triton.jit
+def _carry(a_last, doc_ptr, b, c, seqlen, Q: tl.constexpr, HAS_DOC: tl.constexpr):
+    "The factor on the state entering chunk c at the chunk's end: exp(a_last), or 0 if a document starts in chunk c."
+    decay = tl.exp(a_last)
+    if HAS_DOC:
+        d_enter, d_last = _chunk_docs(doc_ptr, b, c, seqlen, Q)
+        decay = tl.where(d_enter == d_last, decay, 0.0)
+    return decay
 
 # %% ../notebooks/09_ssd_triton.ipynb #2074f0fc
 @triton.jit
@@ -66,13 +90,13 @@ def decay_cumsum(dt, A, chunk_size):
 
 # %% ../notebooks/09_ssd_triton.ipynb #d420718d
 @triton.jit
-def _chunk_outer_kernel(u_ptr, v_ptr, dt_ptr, a_ptr, out_ptr,
+def _chunk_outer_kernel(u_ptr, v_ptr, dt_ptr, a_ptr, doc_ptr, out_ptr,
                         seqlen, nheads, nchunks, ngroups, headdim, dstate,
                         s_u_b, s_u_l, s_u_h, s_u_p,
                         s_v_b, s_v_l, s_v_g, s_v_n,
                         s_dt_b, s_dt_l, s_dt_h,
                         Q: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                        TO_END: tl.constexpr, IEEE: tl.constexpr):
+                        TO_END: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
     h = pid % nheads
     c = (pid // nheads) % nchunks
@@ -82,6 +106,12 @@ def _chunk_outer_kernel(u_ptr, v_ptr, dt_ptr, a_ptr, out_ptr,
     n = tl.program_id(2) * BN + tl.arange(0, BN)
     a_row = a_ptr + ((b * nheads + h) * nchunks + c) * Q
     a_last = tl.load(a_row + Q - 1)
+    if HAS_DOC:            # only the chunk's last document reaches its end (mirror: only the entering one reads it)
+        d_enter, d_last = _chunk_docs(doc_ptr, b, c, seqlen, Q)
+        if TO_END:
+            d_keep = d_last
+        else:
+            d_keep = d_enter
     acc = tl.zeros((BP, BN), dtype=tl.float32)
     for k in range(0, Q, BK):
         t = c * Q + k + tl.arange(0, BK)
@@ -92,6 +122,8 @@ def _chunk_outer_kernel(u_ptr, v_ptr, dt_ptr, a_ptr, out_ptr,
             w = tl.exp(a_last - a_t) * dt
         else:
             w = tl.exp(a_t)
+        if HAS_DOC:
+            w = tl.where(_docs(doc_ptr, b, t, seqlen) == d_keep, w, 0.0)
         uT = tl.load(u_ptr + b * s_u_b + t[None, :] * s_u_l + h * s_u_h + p[:, None] * s_u_p,
                      mask=live[None, :] & (p[:, None] < headdim), other=0.0)          # (BP, BK)
         v = tl.load(v_ptr + b * s_v_b + t[:, None] * s_v_l + g * s_v_g + n[None, :] * s_v_n,
@@ -102,8 +134,9 @@ def _chunk_outer_kernel(u_ptr, v_ptr, dt_ptr, a_ptr, out_ptr,
     tl.store(out + p[:, None] * dstate + n[None, :], acc, mask=(p[:, None] < headdim) & (n[None, :] < dstate))
 
 
-def chunk_outer(u, v, dt, a, chunk_size, to_end):
-    """u (b, L, h, P), v (b, L, g, N) -> (b, nchunks, h, P, N) float32 sums of w_t u_t v_t^T over each chunk."""
+def chunk_outer(u, v, dt, a, chunk_size, to_end, doc=None):
+    """u (b, L, h, P), v (b, L, g, N) -> (b, nchunks, h, P, N) float32 sums of w_t u_t v_t^T over each chunk.
+    doc (b, L) int: non-decreasing document ids of packed documents, or None."""
     b, L, h, P = u.shape
     g, N = v.shape[2], v.shape[3]
     nc = a.shape[2]
@@ -113,16 +146,17 @@ def chunk_outer(u, v, dt, a, chunk_size, to_end):
     BP, BN = max(16, triton.next_power_of_2(P)), max(16, min(triton.next_power_of_2(N), 128))
     grid = (b * nc * h, triton.cdiv(P, BP), triton.cdiv(N, BN))
     if out.numel():
-        _chunk_outer_kernel[grid](u, v, dt, a, out, L, h, nc, g, P, N, *u.stride(), *v.stride(), *dt.stride(),
-                                  Q=chunk_size, BK=BK, BP=BP, BN=BN, TO_END=to_end,
+        _chunk_outer_kernel[grid](u, v, dt, a, a if doc is None else doc.contiguous(), out, L, h, nc, g, P, N,
+                                  *u.stride(), *v.stride(), *dt.stride(),
+                                  Q=chunk_size, BK=BK, BP=BP, BN=BN, TO_END=to_end, HAS_DOC=doc is not None,
                                   IEEE=u.dtype == torch.float32, num_warps=cfg["num_warps"],
                                   num_stages=cfg["num_stages"])
     return out
 
 # %% ../notebooks/09_ssd_triton.ipynb #f12dd4bd
 @triton.jit
-def _state_passing_kernel(states_ptr, a_ptr, init_ptr, final_ptr, nheads, nchunks, size,
-                          Q: tl.constexpr, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr):
+def _state_passing_kernel(states_ptr, a_ptr, doc_ptr, init_ptr, final_ptr, nheads, nchunks, size, seqlen,
+                          Q: tl.constexpr, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DOC: tl.constexpr):
     bh = tl.program_id(0)                        # b * nheads + h
     b = bh // nheads
     h = bh % nheads
@@ -136,32 +170,34 @@ def _state_passing_kernel(states_ptr, a_ptr, init_ptr, final_ptr, nheads, nchunk
         ptr = states_ptr + ((b * nchunks + c) * nheads + h) * size + i
         local = tl.load(ptr, mask=m, other=0.0)
         tl.store(ptr, s, mask=m)
-        s = tl.exp(tl.load(a_ptr + (bh * nchunks + c) * Q + Q - 1)) * s + local
+        s = _carry(tl.load(a_ptr + (bh * nchunks + c) * Q + Q - 1), doc_ptr, b, c, seqlen, Q, HAS_DOC) * s + local
     tl.store(final_ptr + bh * size + i, s, mask=m)
 
 
-def state_passing(states, a, initial_state):
-    """states (b, c, h, P, N) float32, overwritten with the state entering each chunk; returns the final state (float32)."""
+def state_passing(states, a, initial_state, doc=None):
+    """states (b, c, h, P, N) float32, overwritten with the state entering each chunk; returns the final state (float32).
+    doc (b, L) int or None: document ids; a chunk in which a document starts passes on only its own state."""
     b, nc, h, P, N = states.shape
     final = torch.empty(b, h, P, N, device=states.device, dtype=torch.float32)
     BLOCK = 1024
     init = initial_state.contiguous() if initial_state is not None else final
     if final.numel():
-        _state_passing_kernel[(b * h, triton.cdiv(P * N, BLOCK))](states, a, init, final, h, nc, P * N,
-                                                                   Q=a.shape[3], BLOCK=BLOCK,
-                                                                   HAS_INIT=initial_state is not None)
+        _state_passing_kernel[(b * h, triton.cdiv(P * N, BLOCK))](
+            states, a, a if doc is None else doc.contiguous(), init, final, h, nc, P * N,
+            0 if doc is None else doc.shape[1], Q=a.shape[3], BLOCK=BLOCK, HAS_INIT=initial_state is not None,
+            HAS_DOC=doc is not None)
     return final
 
 # %% ../notebooks/09_ssd_triton.ipynb #2e71879c
 @triton.jit
-def _chunk_scan_kernel(x_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, prev_ptr, D_ptr, y_ptr,
+def _chunk_scan_kernel(x_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, prev_ptr, D_ptr, doc_ptr, y_ptr,
                        seqlen, nheads, nchunks, ngroups, headdim, dstate,
                        s_x_b, s_x_l, s_x_h, s_x_p,
                        s_dt_b, s_dt_l, s_dt_h,
                        s_B_b, s_B_l, s_B_g, s_B_n,
                        s_y_b, s_y_l, s_y_h, s_y_p,
                        Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                       HAS_D: tl.constexpr, IEEE: tl.constexpr):
+                       HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr):
     pid = tl.program_id(0)
     h = pid % nheads
     c = (pid // nheads) % nchunks
@@ -180,7 +216,12 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, prev_ptr, D_ptr, y_pt
     prevT = tl.load(prev_ptr + (((b * nchunks + c) * nheads + h) * headdim + p[None, :]) * dstate + n[:, None],
                     mask=(n[:, None] < dstate) & (p[None, :] < headdim), other=0.0)    # (BN, BP)
     acc = _mm(Ct, prevT.to(Ct.dtype), IEEE)
-    acc = acc * tl.exp(a_t)[:, None]
+    decay_in = tl.exp(a_t)
+    if HAS_DOC:                          # a token reads the entering state only if it is in the state's document
+        d_t = _docs(doc_ptr, b, t, seqlen)
+        d_enter, d_last = _chunk_docs(doc_ptr, b, c, seqlen, Q)
+        decay_in = tl.where(d_t == d_enter, decay_in, 0.0)
+    acc = acc * decay_in[:, None]
     for k in range(0, m0 + BM, BK):
         sq = k + tl.arange(0, BK)
         s = c * Q + sq
@@ -192,6 +233,8 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, prev_ptr, D_ptr, y_pt
         xs = tl.load(x_ptr + b * s_x_b + s[:, None] * s_x_l + h * s_x_h + p[None, :] * s_x_p,
                      mask=live_s[:, None] & (p[None, :] < headdim), other=0.0)          # (BK, BP)
         causal = tq[:, None] >= sq[None, :]
+        if HAS_DOC:                      # and no token reads another document's tokens
+            causal = causal & (d_t[:, None] == _docs(doc_ptr, b, s, seqlen)[None, :])
         decay = tl.exp(tl.where(causal, a_t[:, None] - a_s[None, :], float("-inf")))
         cb = _mm(Ct, tl.trans(Bs), IEEE)
         acc += _mm((cb * decay * dt_s[None, :]).to(xs.dtype), xs, IEEE)
@@ -203,7 +246,8 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, prev_ptr, D_ptr, y_pt
              mask=live_t[:, None] & (p[None, :] < headdim))
 
 
-def chunk_scan(x, dt, a, B, C, prev, D, chunk_size):
+def chunk_scan(x, dt, a, B, C, prev, D, chunk_size, doc=None):
+    """y (b, L, h, P) from the entering states prev (b, c, h, P, N); doc (b, L) int document ids or None."""
     b, L, h, P = x.shape
     g, N = B.shape[2], B.shape[3]
     nc = a.shape[2]
@@ -213,25 +257,26 @@ def chunk_scan(x, dt, a, B, C, prev, D, chunk_size):
     BP, BN = max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N))
     grid = (b * nc * h, triton.cdiv(chunk_size, BM), triton.cdiv(P, BP))
     if y.numel():
-        _chunk_scan_kernel[grid](x, dt, a, B, C, prev, D if D is not None else a, y, L, h, nc, g, P, N,
-                                 *x.stride(), *dt.stride(), *B.stride(), *y.stride(),
-                                 Q=chunk_size, BM=BM, BK=BK, BP=BP, BN=BN, HAS_D=D is not None,
+        _chunk_scan_kernel[grid](x, dt, a, B, C, prev, D if D is not None else a, a if doc is None else doc.contiguous(),
+                                 y, L, h, nc, g, P, N, *x.stride(), *dt.stride(), *B.stride(), *y.stride(),
+                                 Q=chunk_size, BM=BM, BK=BK, BP=BP, BN=BN, HAS_D=D is not None, HAS_DOC=doc is not None,
                                  IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
                                  num_stages=cfg["num_stages"])
     return y
 
 # %% ../notebooks/09_ssd_triton.ipynb #ceeebd6b
 @triton.jit
-def _states_fused_kernel(u_ptr, v_ptr, dt_ptr, a_ptr, init_ptr, out_ptr, final_ptr, fwd_states_ptr, fwd_final_ptr,
+def _states_fused_kernel(u_ptr, v_ptr, dt_ptr, a_ptr, doc_ptr, init_ptr, out_ptr, final_ptr, fwd_states_ptr, fwd_final_ptr,
                          dlast_ptr, seqlen, nheads, nchunks, ngroups, headdim, dstate,
                          s_u_b, s_u_l, s_u_h, s_u_p,
                          s_v_b, s_v_l, s_v_g, s_v_n,
                          s_dt_b, s_dt_l, s_dt_h,
                          Q: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                         REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, IEEE: tl.constexpr):
+                         REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DOC: tl.constexpr, IEEE: tl.constexpr):
     """Forward (REVERSE=False): u = x, v = B, init = initial state; out[c] = state entering chunk c, final = last state.
     Backward (REVERSE=True): u = dy, v = C, init = dL/d(final state); out[c] = dL/d(state leaving chunk c),
-    final = dL/d(initial state), dlast[c] = <dL/d(state leaving c), state leaving c> (from the forward's states)."""
+    final = dL/d(initial state), dlast[c] = <dL/d(state leaving c), state leaving c> (from the forward's states).
+    HAS_DOC: packed documents, masked as in kernels 2 and 3."""
     nnb = tl.cdiv(dstate, BN)
     npb = tl.cdiv(headdim, BP)
     pid = tl.program_id(0)                      # over (b, h, p-block, n-block), n-block fastest
@@ -263,6 +308,12 @@ def _states_fused_kernel(u_ptr, v_ptr, dt_ptr, a_ptr, init_ptr, out_ptr, final_p
         if REVERSE:
             tl.store(dlast_ptr + ((bh * nchunks + c) * npb + pb) * nnb + nb, tl.sum(tl.sum(s * h_end, axis=1), axis=0))
             h_end = tl.load(fwd_states_ptr + state_at, mask=tmask, other=0.0)
+        if HAS_DOC:
+            d_enter, d_last = _chunk_docs(doc_ptr, b, c, seqlen, Q)
+            if REVERSE:
+                d_keep = d_enter
+            else:
+                d_keep = d_last
         acc = tl.zeros((BP, BN), dtype=tl.float32)
         for k in range(0, Q, BK):
             t = c * Q + k + tl.arange(0, BK)
@@ -273,17 +324,19 @@ def _states_fused_kernel(u_ptr, v_ptr, dt_ptr, a_ptr, init_ptr, out_ptr, final_p
             else:
                 dt = tl.load(dt_ptr + b * s_dt_b + t * s_dt_l + h * s_dt_h, mask=live, other=0.0).to(tl.float32)
                 w = tl.exp(a_last - a_t) * dt
+            if HAS_DOC:
+                w = tl.where(_docs(doc_ptr, b, t, seqlen) == d_keep, w, 0.0)
             uT = tl.load(u_ptr + b * s_u_b + t[None, :] * s_u_l + h * s_u_h + p[:, None] * s_u_p,
                          mask=live[None, :] & (p[:, None] < headdim), other=0.0)       # (BP, BK)
             v = tl.load(v_ptr + b * s_v_b + t[:, None] * s_v_l + g * s_v_g + n[None, :] * s_v_n,
                         mask=live[:, None] & (n[None, :] < dstate), other=0.0)         # (BK, BN)
             uw = (uT.to(tl.float32) * w[None, :]).to(v.dtype)
             acc += _mm(uw, v, IEEE)
-        s = tl.exp(a_last) * s + acc
+        s = _carry(a_last, doc_ptr, b, c, seqlen, Q, HAS_DOC) * s + acc
     tl.store(final_ptr + bh * headdim * dstate + tile, s, mask=tmask)
 
 
-def _fused_launch(u, v, dt, a, init, reverse, fwd_states=None, fwd_final=None):
+def _fused_launch(u, v, dt, a, init, reverse, fwd_states=None, fwd_final=None, doc=None):
     b, L, h, P = u.shape
     g, N = v.shape[2], v.shape[3]
     nc, Q = a.shape[2], a.shape[3]
@@ -297,44 +350,46 @@ def _fused_launch(u, v, dt, a, init, reverse, fwd_states=None, fwd_final=None):
     dlast = torch.empty(b, h, nc, npb * nnb, device=u.device, dtype=torch.float32) if reverse else final
     if final.numel():
         _states_fused_kernel[(b * h * npb * nnb,)](
-            u, v, dt, a, init.contiguous() if init is not None else final, out, final,
+            u, v, dt, a, a if doc is None else doc.contiguous(), init.contiguous() if init is not None else final, out, final,
             fwd_states if reverse else final, fwd_final if reverse else final, dlast,
             L, h, nc, g, P, N, *u.stride(), *v.stride(), *dt.stride(),
-            Q=Q, BK=BK, BP=BP, BN=BN, REVERSE=reverse, HAS_INIT=init is not None,
+            Q=Q, BK=BK, BP=BP, BN=BN, REVERSE=reverse, HAS_INIT=init is not None, HAS_DOC=doc is not None,
             IEEE=u.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, final, (dlast.sum(-1) if reverse else None)
 
 
-def chunk_states_fused(x, B, dt, a, initial_state):
-    """States entering each chunk (b, c, h, P, N) and the final state (b, h, P, N), float32, in one kernel."""
-    prev, final, _ = _fused_launch(x, B, dt, a, initial_state, reverse=False)
+def chunk_states_fused(x, B, dt, a, initial_state, doc=None):
+    """States entering each chunk (b, c, h, P, N) and the final state (b, h, P, N), float32, in one kernel.
+    doc (b, L) int: document ids of packed documents, or None."""
+    prev, final, _ = _fused_launch(x, B, dt, a, initial_state, reverse=False, doc=doc)
     return prev, final
 
 
-def chunk_states_fused_bwd(dy, C, dt, a, dfinal, prev, final):
+def chunk_states_fused_bwd(dy, C, dt, a, dfinal, prev, final, doc=None):
     """dL/d(state leaving each chunk) (b, c, h, P, N), dL/d(initial state) and dL/d(a_last) (b, h, c), in one kernel."""
-    return _fused_launch(dy, C, dt, a, dfinal, reverse=True, fwd_states=prev, fwd_final=final)
+    return _fused_launch(dy, C, dt, a, dfinal, reverse=True, fwd_states=prev, fwd_final=final, doc=doc)
 
 # %% ../notebooks/09_ssd_triton.ipynb #a3a92052
-def ssd_forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+def ssd_forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None):
     """Forward: y (b, L, h, P) in x.dtype, final state (b, h, P, N) float32, and what backward can reuse.
-    The kernels read B and C with one set of strides: pass them alike (`ssd_chunked_triton` makes both contiguous)."""
+    The kernels read B and C with one set of strides: pass them alike (`ssd_chunked_triton` makes both contiguous).
+    seq_idx (b, L) int or None: document ids that never decrease along a row (`document_ids` makes them)."""
     if B.stride() != C.stride():
         raise ValueError(f"B and C must have the same strides, got {B.stride()} and {C.stride()}")
     a = decay_cumsum(dt, A, chunk_size)
     if KERNEL_CONFIG["fuse_states"]:
-        states, final = chunk_states_fused(x, B, dt, a, initial_state)
+        states, final = chunk_states_fused(x, B, dt, a, initial_state, seq_idx)
     else:
-        states = chunk_outer(x, B, dt, a, chunk_size, to_end=True)
-        final = state_passing(states, a, initial_state)
-    y = chunk_scan(x, dt, a, B, C, states, D, chunk_size)
+        states = chunk_outer(x, B, dt, a, chunk_size, to_end=True, doc=seq_idx)
+        final = state_passing(states, a, initial_state, seq_idx)
+    y = chunk_scan(x, dt, a, B, C, states, D, chunk_size, seq_idx)
     return y, final, a, states
 
 # %% ../notebooks/09_ssd_triton.ipynb #920d9290
 @triton.jit
-def _state_passing_bwd_kernel(dstates_ptr, prev_ptr, final_ptr, a_ptr, dfinal_ptr, dinit_ptr, dlast_ptr,
-                              nheads, nchunks, size, nblocks,
-                              Q: tl.constexpr, BLOCK: tl.constexpr, HAS_DFINAL: tl.constexpr):
+def _state_passing_bwd_kernel(dstates_ptr, prev_ptr, final_ptr, a_ptr, doc_ptr, dfinal_ptr, dinit_ptr, dlast_ptr,
+                              nheads, nchunks, size, nblocks, seqlen,
+                              Q: tl.constexpr, BLOCK: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_DOC: tl.constexpr):
     bh = tl.program_id(0)
     blk = tl.program_id(1)
     b = bh // nheads
@@ -352,24 +407,26 @@ def _state_passing_bwd_kernel(dstates_ptr, prev_ptr, final_ptr, a_ptr, dfinal_pt
         local = tl.load(dstates_ptr + ptr, mask=m, other=0.0)
         tl.store(dstates_ptr + ptr, g, mask=m)
         tl.store(dlast_ptr + (bh * nchunks + c) * nblocks + blk, tl.sum(g * h_end, axis=0))
-        g = tl.exp(tl.load(a_ptr + (bh * nchunks + c) * Q + Q - 1)) * g + local
+        g = _carry(tl.load(a_ptr + (bh * nchunks + c) * Q + Q - 1), doc_ptr, b, c, seqlen, Q, HAS_DOC) * g + local
         h_end = tl.load(prev_ptr + ptr, mask=m, other=0.0)
     tl.store(dinit_ptr + bh * size + i, g, mask=m)
 
 
-def state_passing_bwd(dstates, prev, final, a, dfinal):
+def state_passing_bwd(dstates, prev, final, a, dfinal, doc=None):
     """dstates (b, c, h, P, N): each chunk's dL/d(entering state) from its own outputs; overwritten with
-    dL/d(state at the end of each chunk). Returns (d initial state (b, h, P, N), dL/d a_last (b, h, c)), float32."""
+    dL/d(state at the end of each chunk). Returns (d initial state (b, h, P, N), dL/d a_last (b, h, c)), float32.
+    doc (b, L) int or None: document ids, as in the forward."""
     b, nc, h, P, N = dstates.shape
     BLOCK = 1024
     nblocks = triton.cdiv(P * N, BLOCK)
     dinit = torch.empty(b, h, P, N, device=dstates.device, dtype=torch.float32)
     dlast = torch.zeros(b, h, nc, nblocks, device=dstates.device, dtype=torch.float32)
     if dinit.numel():
-        _state_passing_bwd_kernel[(b * h, nblocks)](dstates, prev, final, a,
+        _state_passing_bwd_kernel[(b * h, nblocks)](dstates, prev, final, a, a if doc is None else doc.contiguous(),
                                                    dfinal.contiguous() if dfinal is not None else final,
-                                                   dinit, dlast, h, nc, P * N, nblocks, Q=a.shape[3],
-                                                   BLOCK=BLOCK, HAS_DFINAL=dfinal is not None)
+                                                   dinit, dlast, h, nc, P * N, nblocks,
+                                                   0 if doc is None else doc.shape[1], Q=a.shape[3],
+                                                   BLOCK=BLOCK, HAS_DFINAL=dfinal is not None, HAS_DOC=doc is not None)
     return dinit, dlast.sum(-1)
 
 # %% ../notebooks/09_ssd_triton.ipynb #c3bc39d2
@@ -385,7 +442,7 @@ def _head_block(nheads, nchunks, ngroups, heads_per_prog):
 
 
 @triton.jit
-def _chunk_scan_bwd_dx_kernel(x_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, dy_ptr, gstate_ptr, D_ptr,
+def _chunk_scan_bwd_dx_kernel(x_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, dy_ptr, gstate_ptr, D_ptr, doc_ptr,
                               dx_ptr, dB_ptr, ddt_ptr, col_ptr, dD_ptr,
                               seqlen, nheads, nchunks, ngroups, headdim, dstate, heads_per_prog,
                               s_x_b, s_x_l, s_x_h, s_x_p,
@@ -393,7 +450,8 @@ def _chunk_scan_bwd_dx_kernel(x_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, dy_ptr, gstate
                               s_B_b, s_B_l, s_B_g, s_B_n,
                               s_dy_b, s_dy_l, s_dy_h, s_dy_p,
                               Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
-                              BN: tl.constexpr, HAS_D: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr):
+                              BN: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr, ATOMIC: tl.constexpr,
+                              IEEE: tl.constexpr):
     b, c, h0, g = _head_block(nheads, nchunks, ngroups, heads_per_prog)
     m0 = tl.program_id(1) * BM
     p = tl.arange(0, BP)
@@ -404,12 +462,17 @@ def _chunk_scan_bwd_dx_kernel(x_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, dy_ptr, gstate
     mask_sp = live_s[:, None] & (p[None, :] < headdim)
     Bs = tl.load(B_ptr + b * s_B_b + s[:, None] * s_B_l + g * s_B_g + n[None, :] * s_B_n,
                  mask=live_s[:, None] & (n[None, :] < dstate), other=0.0)                  # (BM, BN)
+    if HAS_DOC:
+        d_s = _docs(doc_ptr, b, s, seqlen)
+        d_enter, d_last = _chunk_docs(doc_ptr, b, c, seqlen, Q)
     dB = tl.zeros((BM, BN), dtype=tl.float32)
     for hh in range(heads_per_prog):
         h = h0 + hh
         a_row = a_ptr + ((b * nheads + h) * nchunks + c) * Q
         a_s = tl.load(a_row + sq)
         to_end = tl.exp(tl.load(a_row + Q - 1) - a_s)
+        if HAS_DOC:                       # only the chunk's last document feeds the state it passes on
+            to_end = tl.where(d_s == d_last, to_end, 0.0)
         dt_s = tl.load(dt_ptr + b * s_dt_b + s * s_dt_l + h * s_dt_h, mask=live_s, other=0.0).to(tl.float32)
         xs = tl.load(x_ptr + b * s_x_b + s[:, None] * s_x_l + h * s_x_h + p[None, :] * s_x_p, mask=mask_sp, other=0.0)
         gs = tl.load(gstate_ptr + (((b * nchunks + c) * nheads + h) * headdim + p[:, None]) * dstate + n[None, :],
@@ -426,7 +489,10 @@ def _chunk_scan_bwd_dx_kernel(x_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, dy_ptr, gstate
                          mask=live_t[:, None] & (n[None, :] < dstate), other=0.0)           # (BK, BN)
             dyt = tl.load(dy_ptr + b * s_dy_b + t[:, None] * s_dy_l + h * s_dy_h + p[None, :] * s_dy_p,
                           mask=live_t[:, None] & (p[None, :] < headdim), other=0.0)         # (BK, BP)
-            decay = tl.exp(tl.where(tq[None, :] >= sq[:, None], a_t[None, :] - a_s[:, None], float("-inf")))
+            causal = tq[None, :] >= sq[:, None]
+            if HAS_DOC:
+                causal = causal & (_docs(doc_ptr, b, t, seqlen)[None, :] == d_s[:, None])
+            decay = tl.exp(tl.where(causal, a_t[None, :] - a_s[:, None], float("-inf")))
             bc = _mm(Bs, tl.trans(Ct), IEEE) * decay
             acc_x += _mm(bc.to(dyt.dtype), dyt, IEEE)
             xdy = _mm(xs, tl.trans(dyt), IEEE)
@@ -454,7 +520,7 @@ def _chunk_scan_bwd_dx_kernel(x_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, dy_ptr, gstate
 
 # %% ../notebooks/09_ssd_triton.ipynb #6bebc36b
 @triton.jit
-def _chunk_scan_bwd_dc_kernel(x_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, dy_ptr, prev_ptr,
+def _chunk_scan_bwd_dc_kernel(x_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, dy_ptr, prev_ptr, doc_ptr,
                               dC_ptr, row_ptr,
                               seqlen, nheads, nchunks, ngroups, headdim, dstate, heads_per_prog,
                               s_x_b, s_x_l, s_x_h, s_x_p,
@@ -462,7 +528,7 @@ def _chunk_scan_bwd_dc_kernel(x_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, dy_ptr, prev_p
                               s_B_b, s_B_l, s_B_g, s_B_n,
                               s_dy_b, s_dy_l, s_dy_h, s_dy_p,
                               Q: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
-                              BN: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr):
+                              BN: tl.constexpr, HAS_DOC: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr):
     b, c, h0, g = _head_block(nheads, nchunks, ngroups, heads_per_prog)
     m0 = tl.program_id(1) * BM
     p = tl.arange(0, BP)
@@ -472,6 +538,9 @@ def _chunk_scan_bwd_dc_kernel(x_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, dy_ptr, prev_p
     live_t = t < seqlen
     Ct = tl.load(C_ptr + b * s_B_b + t[:, None] * s_B_l + g * s_B_g + n[None, :] * s_B_n,
                  mask=live_t[:, None] & (n[None, :] < dstate), other=0.0)                   # (BM, BN)
+    if HAS_DOC:
+        d_t = _docs(doc_ptr, b, t, seqlen)
+        d_enter, d_last = _chunk_docs(doc_ptr, b, c, seqlen, Q)
     dC = tl.zeros((BM, BN), dtype=tl.float32)
     for hh in range(heads_per_prog):
         h = h0 + hh
@@ -481,7 +550,10 @@ def _chunk_scan_bwd_dc_kernel(x_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, dy_ptr, prev_p
                       mask=live_t[:, None] & (p[None, :] < headdim), other=0.0)             # (BM, BP)
         prev = tl.load(prev_ptr + (((b * nchunks + c) * nheads + h) * headdim + p[:, None]) * dstate + n[None, :],
                        mask=(p[:, None] < headdim) & (n[None, :] < dstate), other=0.0).to(dyt.dtype)  # (BP, BN)
-        acc = _mm(dyt, prev, IEEE) * tl.exp(a_t)[:, None]
+        decay_in = tl.exp(a_t)
+        if HAS_DOC:                       # only the entering state's document read it
+            decay_in = tl.where(d_t == d_enter, decay_in, 0.0)
+        acc = _mm(dyt, prev, IEEE) * decay_in[:, None]
         row = tl.sum(Ct.to(tl.float32) * acc, axis=1)             # the state's share of sum_s M[t, s]
         for k in range(0, m0 + BM, BK):
             sq = k + tl.arange(0, BK)
@@ -493,7 +565,10 @@ def _chunk_scan_bwd_dc_kernel(x_ptr, dt_ptr, a_ptr, B_ptr, C_ptr, dy_ptr, prev_p
                          mask=live_s[:, None] & (p[None, :] < headdim), other=0.0)           # (BK, BP)
             Bs = tl.load(B_ptr + b * s_B_b + s[:, None] * s_B_l + g * s_B_g + n[None, :] * s_B_n,
                          mask=live_s[:, None] & (n[None, :] < dstate), other=0.0)            # (BK, BN)
-            w = tl.exp(tl.where(tq[:, None] >= sq[None, :], a_t[:, None] - a_s[None, :], float("-inf"))) * dt_s[None, :]
+            causal = tq[:, None] >= sq[None, :]
+            if HAS_DOC:
+                causal = causal & (d_t[:, None] == _docs(doc_ptr, b, s, seqlen)[None, :])
+            w = tl.exp(tl.where(causal, a_t[:, None] - a_s[None, :], float("-inf"))) * dt_s[None, :]
             dyx = _mm(dyt, tl.trans(xs), IEEE) * w
             acc += _mm(dyx.to(Bs.dtype), Bs, IEEE)
             cb = _mm(Ct, tl.trans(Bs), IEEE)
@@ -517,24 +592,26 @@ def _heads_per_program(nheads, ngroups, nprograms_other):
     return hpp
 
 
-def ssd_backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
+def ssd_backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size, seq_idx=None):
     """Gradients (dx, ddt, dA, dB, dC, dD or None, d initial_state or None), each shaped like its input.
-    Recomputes the decay and the chunk states rather than storing them. B and C must share strides."""
+    Recomputes the decay and the chunk states rather than storing them. B and C must share strides.
+    seq_idx: the forward's document ids (b, L) or None."""
     if B.stride() != C.stride():
         raise ValueError(f"B and C must have the same strides, got {B.stride()} and {C.stride()}")
     b, L, h, P = x.shape
     g, N = B.shape[2], B.shape[3]
     Q = chunk_size
+    doc = None if seq_idx is None else seq_idx.contiguous()
     a = decay_cumsum(dt, A, Q)
     nc = a.shape[2]
     if KERNEL_CONFIG["fuse_states"]:
-        prev, final = chunk_states_fused(x, B, dt, a, initial_state)
-        dstates, dinit, dlast = chunk_states_fused_bwd(dy, C, dt, a, dfinal, prev, final)
+        prev, final = chunk_states_fused(x, B, dt, a, initial_state, doc)
+        dstates, dinit, dlast = chunk_states_fused_bwd(dy, C, dt, a, dfinal, prev, final, doc)
     else:
-        prev = chunk_outer(x, B, dt, a, Q, to_end=True)
-        final = state_passing(prev, a, initial_state)
-        dstates = chunk_outer(dy, C, dt, a, Q, to_end=False)      # dL/d(entering state) from each chunk's outputs
-        dinit, dlast = state_passing_bwd(dstates, prev, final, a, dfinal)
+        prev = chunk_outer(x, B, dt, a, Q, to_end=True, doc=doc)
+        final = state_passing(prev, a, initial_state, doc)
+        dstates = chunk_outer(dy, C, dt, a, Q, to_end=False, doc=doc)  # dL/d(entering state) from each chunk's outputs
+        dinit, dlast = state_passing_bwd(dstates, prev, final, a, dfinal, doc)
     c1, c2 = KERNEL_CONFIG["bwd_dx"], KERNEL_CONFIG["bwd_dc"]
     BM, BK = min(Q, c1["BM"]), min(Q, c1["BK"])
     BP, BN = max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N))
@@ -551,15 +628,16 @@ def ssd_backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
     grid = (b * nc * (h // hpp), nm)
     ieee = x.dtype == torch.float32
     if x.numel():
-        _chunk_scan_bwd_dx_kernel[grid](x, dt, a, B, C, dy, dstates, D if D is not None else A,
+        doc_arg = a if doc is None else doc                      # a stand-in pointer, never read without HAS_DOC
+        _chunk_scan_bwd_dx_kernel[grid](x, dt, a, B, C, dy, dstates, D if D is not None else A, doc_arg,
                                         dx, dB, ddt_direct, col, dD_parts,
                                         L, h, nc, g, P, N, hpp, *x.stride(), *dt.stride(), *B.stride(), *dy.stride(),
-                                        Q=Q, BM=BM, BK=BK, BP=BP, BN=BN, HAS_D=D is not None, ATOMIC=atomic, IEEE=ieee,
-                                        num_warps=c1["num_warps"], num_stages=c1["num_stages"])
-        _chunk_scan_bwd_dc_kernel[grid](x, dt, a, B, C, dy, prev, dC, row,
+                                        Q=Q, BM=BM, BK=BK, BP=BP, BN=BN, HAS_D=D is not None, HAS_DOC=doc is not None,
+                                        ATOMIC=atomic, IEEE=ieee, num_warps=c1["num_warps"], num_stages=c1["num_stages"])
+        _chunk_scan_bwd_dc_kernel[grid](x, dt, a, B, C, dy, prev, doc_arg, dC, row,
                                         L, h, nc, g, P, N, hpp, *x.stride(), *dt.stride(), *B.stride(), *dy.stride(),
-                                        Q=Q, BM=BM, BK=min(Q, c2["BK"]), BP=BP, BN=BN, ATOMIC=atomic, IEEE=ieee,
-                                        num_warps=c2["num_warps"], num_stages=c2["num_stages"])
+                                        Q=Q, BM=BM, BK=min(Q, c2["BK"]), BP=BP, BN=BN, HAS_DOC=doc is not None,
+                                        ATOMIC=atomic, IEEE=ieee, num_warps=c2["num_warps"], num_stages=c2["num_stages"])
     # the decay a = cumsum(dt * A) inside each chunk: gather dL/da, then its reverse cumsum is dL/d(dt * A)
     da = row - col
     da[..., -1] += dlast
@@ -574,14 +652,14 @@ def ssd_backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
 # %% ../notebooks/09_ssd_triton.ipynb #8b178fb4
 @torch.library.custom_op("snakes::ssd_chunked_triton_fwd", mutates_args=())
 def _ssd_fwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                D: torch.Tensor | None, initial_state: torch.Tensor | None, chunk_size: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    y, final, _, _ = ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state)
+                D: torch.Tensor | None, initial_state: torch.Tensor | None, chunk_size: int,
+                seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    y, final, _, _ = ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state, seq_idx)
     return y, final.to(x.dtype)
 
 
 @_ssd_fwd_op.register_fake
-def _ssd_fwd_fake(x, dt, A, B, C, D, initial_state, chunk_size):
+def _ssd_fwd_fake(x, dt, A, B, C, D, initial_state, chunk_size, seq_idx=None):
     b, L, h, P = x.shape
     return x.new_empty(b, L, h, P), x.new_empty(b, h, P, B.shape[-1])
 
@@ -589,13 +667,13 @@ def _ssd_fwd_fake(x, dt, A, B, C, D, initial_state, chunk_size):
 @torch.library.custom_op("snakes::ssd_chunked_triton_bwd", mutates_args=())
 def _ssd_bwd_op(dy: torch.Tensor, dfinal: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
                 B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, initial_state: torch.Tensor | None,
-                chunk_size: int) -> list[torch.Tensor]:
-    grads = ssd_backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size)
+                chunk_size: int, seq_idx: torch.Tensor | None = None) -> list[torch.Tensor]:
+    grads = ssd_backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size, seq_idx)
     return [gr.contiguous() if gr is not None else x.new_empty(0) for gr in grads]
 
 
 @_ssd_bwd_op.register_fake
-def _ssd_bwd_fake(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
+def _ssd_bwd_fake(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size, seq_idx=None):
     # the real op returns contiguous gradients whatever the inputs' strides (x is often a strided view in a model)
     like = lambda t: t.new_empty(t.shape)
     return [like(x), like(dt), like(A), like(B), like(C), like(D) if D is not None else x.new_empty(0),
@@ -603,16 +681,18 @@ def _ssd_bwd_fake(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size):
 
 
 def _setup_context(ctx, inputs, output):
-    x, dt, A, B, C, D, initial_state, chunk_size = inputs
-    ctx.save_for_backward(x, dt, A, B, C, D, initial_state)
+    x, dt, A, B, C, D, initial_state, chunk_size, seq_idx = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, initial_state, seq_idx)
     ctx.chunk_size = chunk_size
 
 
 def _backward(ctx, dy, dfinal):
-    x, dt, A, B, C, D, initial_state = ctx.saved_tensors
-    grads = _ssd_bwd_op(dy.contiguous(), dfinal.contiguous(), x, dt, A, B, C, D, initial_state, ctx.chunk_size)
+    x, dt, A, B, C, D, initial_state, seq_idx = ctx.saved_tensors
+    grads = _ssd_bwd_op(dy.contiguous(), dfinal.contiguous(), x, dt, A, B, C, D, initial_state, ctx.chunk_size,
+                        seq_idx)
     dx, ddt, dA, dB, dC, dD, dinit = grads
-    return dx, ddt, dA, dB, dC, (dD if D is not None else None), (dinit if initial_state is not None else None), None
+    return (dx, ddt, dA, dB, dC, (dD if D is not None else None), (dinit if initial_state is not None else None),
+            None, None)
 
 
 _ssd_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -633,13 +713,22 @@ def triton_unsupported_reason(x, B, chunk_size) -> str | None:
     return None
 
 
-def ssd_chunked_triton(x, dt, A, B, C, chunk_size=64, D=None, initial_state=None, check_values=True):
-    """`ssd_chunked` on the Triton kernels: same inputs, same outputs (y, final_state), differentiable in every input."""
+def document_ids(seq_idx, x) -> torch.Tensor | None:
+    """seq_idx (b, L) integer labels (a new document wherever the label changes) or None -> (b, L) int32 document
+    numbers 0, 0, 1, 1, 2, ... that never decrease, the form the kernels compare. Checks type, shape and device."""
+    doc = _doc_ids(seq_idx, x.shape[0], x.shape[1], x.device)
+    return None if doc is None else doc.to(torch.int32)
+
+
+def ssd_chunked_triton(x, dt, A, B, C, chunk_size=64, D=None, initial_state=None, check_values=True, seq_idx=None):
+    """`ssd_chunked` on the Triton kernels: same inputs, same outputs (y, final_state), differentiable in every input.
+    seq_idx (b, L) integers or None: packed documents, the state resets where it changes."""
     check_ssd_inputs(x, dt, A, B, C, D, initial_state, check_values)
+    doc = document_ids(seq_idx, x)
     reason = triton_unsupported_reason(x, B, chunk_size)
     if reason is not None:
         raise ValueError(f"backend='triton' cannot run this call: {reason}. Use backend='torch' (or 'auto').")
     # the kernels take any strides, but contiguous inputs keep the op's traced and real layouts identical under
     # torch.compile (in the model x is a transposed view of the convolution's output); a copy only when needed
     x, dt, B, C = (t.contiguous() for t in (x, dt, B, C))
-    return _ssd_fwd_op(x, dt, A, B, C, D, initial_state, chunk_size)
+    return _ssd_fwd_op(x, dt, A, B, C, D, initial_state, chunk_size, doc)
