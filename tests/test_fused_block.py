@@ -101,23 +101,44 @@ def test_causal_conv_with_seq_idx_equals_each_document_alone(b, L, C, K, p_new):
     assert torch.equal(same, FB.causal_conv1d_silu(xf.detach(), wf.detach(), bf.detach()))
 
 
+def logits_and_grads(model, ids, kernels, **forward_kw):
+    "The logits and every parameter's gradient of a fixed weighted sum of them, with model.kernels = kernels."
+    model.kernels = kernels
+    model.zero_grad()
+    logits = model(ids, **forward_kw)
+    (logits.float() * torch.linspace(-1, 1, logits.shape[-1], device=logits.device)).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_same_logits_and_grads(got, want, logits_tol=1e-5, grad_tol=1e-4):
+    assert rel(got[0], want[0]) < logits_tol
+    for name, g in want[1].items():
+        assert rel(got[1][name], g) < grad_tol, name
+
+
 @pytest.mark.parametrize("ngroups,L", [(1, 1), (2, 37), (1, 64)])
 def test_model_with_every_kernel_equals_the_pytorch_model(ngroups, L):
     cfg = Mamba2Config(d_model=32, n_layer=2, d_state=16, headdim=16, ngroups=ngroups, vocab_size=97, chunk_size=16)
     torch.manual_seed(L)
     model = Mamba2LM(cfg).to(DEVICE)
     ids = torch.randint(0, cfg.vocab_size, (2, L), device=DEVICE)
-    out = {}
-    for kernels in ("torch", "triton"):
-        model.kernels = kernels
-        model.zero_grad()
-        logits = model(ids)
-        (logits.float() * torch.linspace(-1, 1, logits.shape[-1], device=DEVICE)).sum().backward()
-        out[kernels] = logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    want = logits_and_grads(model, ids, "torch")
+    got = logits_and_grads(model, ids, "triton")
     assert model.kernels == "triton"
-    assert rel(out["triton"][0], out["torch"][0]) < 1e-5
-    for name, g in out["torch"][1].items():
-        assert rel(out["triton"][1][name], g) < 1e-4, name
+    assert_same_logits_and_grads(got, want)
+
+
+def test_model_with_every_kernel_takes_packed_documents():
+    cfg = Mamba2Config(d_model=32, n_layer=2, d_state=16, headdim=16, ngroups=2, vocab_size=97, chunk_size=16)
+    torch.manual_seed(3)
+    model = Mamba2LM(cfg).to(DEVICE)
+    ids = torch.randint(0, cfg.vocab_size, (2, 37), device=DEVICE)
+    seq_idx = torch.tensor([[0] * 16 + [1] * 5 + [2] * 16, [4] * 1 + [5] * 30 + [4] * 6], device=DEVICE)
+    want = logits_and_grads(model, ids, "torch", seq_idx=seq_idx)
+    got = logits_and_grads(model, ids, "triton", seq_idx=seq_idx)
+    assert_same_logits_and_grads(got, want)
+    plain = logits_and_grads(model, ids, "triton")
+    assert rel(plain[0], want[0]) > 1e-3, "seq_idx changed nothing"
 
 
 def test_kernels_knob_is_validated_and_unsupported_inputs_are_refused():
