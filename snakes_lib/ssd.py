@@ -287,6 +287,26 @@ def _document_masks(doc, pad: int, c: int, Q: int):
     same = doc[..., :, None] == doc[..., None, :]
     return same, doc == entering[..., None], doc[..., -1] == entering
 
+def _chunked_layout(x, dt, A, B, C, chunk_size: int, cd: torch.dtype):
+    """The inputs zero-padded to whole chunks (dt = 0 there: no decay, no write) and laid out per group and chunk,
+    head h = group h // r, head-in-group h % r: a = dt * A (b, g, c, r, Q) log-decays, xdt = x * dt
+    (b, g, c, r, Q, p), and B, C (b, g, c, Q, n), all in the compute dtype `cd`."""
+    b, seqlen, nheads, p = x.shape
+    g, Q = B.shape[2], chunk_size
+    r, pad = nheads // g, (-seqlen) % chunk_size
+    c = (seqlen + pad) // Q
+
+    def chunks(t):  # (b, seqlen, ...) -> (b, c, Q, ...), zero padded at the end
+        t = t.to(cd)
+        if pad:
+            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.reshape(b, c, Q, *t.shape[2:])
+
+    dt_ = chunks(dt).reshape(b, c, Q, g, r)
+    a = (dt_ * A.to(cd).reshape(g, r)).permute(0, 3, 1, 4, 2)
+    xdt = (chunks(x).reshape(b, c, Q, g, r, p) * dt_[..., None]).permute(0, 3, 1, 4, 2, 5)
+    return a, xdt, chunks(B).permute(0, 3, 1, 2, 4), chunks(C).permute(0, 3, 1, 2, 4)
+
 # %% ../notebooks/03_ssd.ipynb #5e0a1d04
 def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None, check_values: bool = True,
                 backend: str = "auto", seq_idx=None):
@@ -312,18 +332,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None
     doc = _doc_ids(seq_idx, batch, seqlen, x.device)
     masks = None if doc is None or c == 0 else [m.to(cd) for m in _document_masks(doc, pad, c, Q)]
 
-    def chunks(t):  # (b, seqlen, ...) -> (b, c, Q, ...), zero padded at the end
-        t = t.to(cd)
-        if pad:
-            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
-        return t.reshape(b, c, Q, *t.shape[2:])
-
-    # layout (b, g, c, r, Q, ...): head h = group h // r, head-in-group h % r
-    dt_ = chunks(dt).reshape(b, c, Q, g, r)
-    a = (dt_ * A.to(cd).reshape(g, r)).permute(0, 3, 1, 4, 2)        # (b, g, c, r, Q) log-decay per token
-    xdt = (chunks(x).reshape(b, c, Q, g, r, p) * dt_[..., None]).permute(0, 3, 1, 4, 2, 5)  # (b, g, c, r, Q, p)
-    Bc = chunks(B).permute(0, 3, 1, 2, 4)                             # (b, g, c, Q, n)
-    Cc = chunks(C).permute(0, 3, 1, 2, 4)                             # (b, g, c, Q, n)
+    a, xdt, Bc, Cc = _chunked_layout(x, dt, A, B, C, Q, cd)          # (b, g, c, r, Q), (b, g, c, r, Q, p), (b, g, c, Q, n) x2
 
     # 1. diagonal blocks: the quadratic form inside each chunk
     CB = Cc @ Bc.transpose(-1, -2)                                    # (b, g, c, Q, Q), once per group
