@@ -17,7 +17,7 @@ the ratio of the step time at the longest context to the one at the shortest (be
 checked), and with --strict exits 1 when it is above --max-ratio or the cache size changed.
 
 Peak memory: on CUDA torch.cuda.max_memory_allocated() minus what was allocated before the call; on CPU
-snakes_lib.ssd.PeakTensorMemory (the total size of tensor storage allocated during the call).
+snakes_lib.ssd_cost.PeakTensorMemory (the total size of tensor storage allocated during the call).
 Not handled: the official Triton kernels, CUDA graphs, multi-GPU.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from snakes_lib.model import Mamba2Config, Mamba2LM  # noqa: E402
 from _common import device_name, setup_device  # noqa: E402  (benchmarks/ is on sys.path)
 
 try:
-    from snakes_lib.ssd import PeakTensorMemory  # noqa: E402
+    from snakes_lib.ssd_cost import PeakTensorMemory  # noqa: E402
 except ImportError:  # older chapter 03: no CPU memory counter
     PeakTensorMemory = None
 

@@ -7,7 +7,7 @@ forward+backward. Prints tables and the ratios that matter, writes benchmarks/re
 
 Time: best of --repeats runs after one warm-up run. Peak memory: the peak total size of tensors allocated during one
 call, inputs excluded. On CUDA that is torch.cuda.max_memory_allocated() minus what was allocated before; on CPU,
-where PyTorch has no allocator counter and tracemalloc does not see tensor buffers, snakes_lib.ssd.PeakTensorMemory
+where PyTorch has no allocator counter and tracemalloc does not see tensor buffers, snakes_lib.ssd_cost.PeakTensorMemory
 counts it exactly (a TorchDispatchMode that adds each new tensor storage to a running total and subtracts it when the
 storage is freed). The recurrent form takes too long and the quadratic form too much memory at long sequences: those
 cells are skipped (and recorded as skipped, with the reason) past --max-recurrent and --max-quadratic-gib.
@@ -53,7 +53,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
-from snakes_lib.ssd import PeakTensorMemory, measure_ssd, ssd_chunked, ssd_cost  # noqa: E402
+from snakes_lib.ssd import ssd_chunked  # noqa: E402
+from snakes_lib.ssd_cost import PeakTensorMemory, measure_ssd, ssd_cost  # noqa: E402
 from _common import device_name, read_json, setup_device, write_json_atomic  # noqa: E402  (benchmarks/ is on sys.path)
 from report import GRAD_NAMES, KERNEL_IMPLS, _ratio, kernel_row, kernel_shapes, kernels_summary  # noqa: E402
 

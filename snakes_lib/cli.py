@@ -129,15 +129,21 @@ def _err(msg: str) -> int:
 
 def _exit_status(e: BaseException) -> Optional[int]:
     """The one place where errors become exit statuses: errors a user can fix (a flag, a file, a run folder, the
-    network) -> 2, a loss that became NaN -> 3; None for anything else (a bug: its traceback is shown)."""
+    network, a missing optional package) -> 2, a loss that became NaN -> 3, `data generate` that wrote nothing -> 1;
+    None for anything else (a bug: its traceback is shown)."""
     from snakes_lib.runfolder import RunDirError
     from snakes_lib.train import NonFiniteLossError
     from snakes_lib.generate import CacheInterfaceError
-    from snakes_lib.datagen import ModelNotFoundError, OllamaUnavailableError
+    from snakes_lib.datagen import ModelNotFoundError, NothingGeneratedError, OllamaUnavailableError
+    from snakes_lib.documents import DatasetUnavailableError
+    from snakes_lib.utils import MissingPackageError
     if isinstance(e, NonFiniteLossError):
         return 3
+    if isinstance(e, NothingGeneratedError):
+        return 1
     fixable = (RunDirError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-               CacheInterfaceError, OllamaUnavailableError, ModelNotFoundError)
+               CacheInterfaceError, OllamaUnavailableError, ModelNotFoundError, MissingPackageError,
+               DatasetUnavailableError)
     return 2 if isinstance(e, fixable) else None
 
 

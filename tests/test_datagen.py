@@ -1,7 +1,6 @@
 """snakes_lib.datagen against a fake Ollama server speaking the real HTTP protocol (tests/fake_ollama.py).
 
 No function is mocked: the real `ollama` client talks HTTP to a server on 127.0.0.1 that can misbehave."""
-import argparse
 import sys
 import threading
 import time
@@ -14,7 +13,7 @@ from fake_ollama import FakeOllama, default_reply, free_port  # noqa: E402
 
 from snakes_lib.data import load_documents
 from snakes_lib.datagen import (NEAR_DUP_SUFFIX, ModelNotFoundError, NearDuplicateIndex, OllamaUnavailableError,
-                                add_data_command, clean_output, generate_dataset, jaccard, read_template,
+                                clean_output, generate_dataset, jaccard, read_template,
                                 read_topics, shingles, topic_filename)
 
 pytest.importorskip("ollama")
@@ -168,10 +167,9 @@ def test_topics_and_templates(tmp_path):
 
 
 def _cli(argv):
-    p = argparse.ArgumentParser(prog="snakes")
-    add_data_command(p.add_subparsers(dest="command"))
-    args = p.parse_args(argv)
-    return args.func(args)
+    "Run `snakes ARGV` through the entry point, the one place where errors become messages and exit statuses."
+    from snakes_lib.cli import main
+    return main(argv)
 
 
 def test_cli_generate(tmp_path, capsys):
@@ -236,3 +234,14 @@ def test_cli_fails_when_every_topic_failed(tmp_path, capsys):
         rc = _cli(["data", "generate", "--topics", str(topics), "--out", str(tmp_path / "o2"), "--host", srv.url,
                    "--retries", "0", "--concurrency", "1"])
     assert rc == 0 and "failed: " in capsys.readouterr().err
+
+
+def test_cli_without_the_ollama_package(tmp_path, capsys, monkeypatch):
+    "A missing optional package is one line with the install command (MissingPackageError), exit status 2."
+    topics = tmp_path / "words.txt"
+    topics.write_text("lantern\n")
+    monkeypatch.setitem(sys.modules, "ollama", None)                  # `import ollama` now raises ImportError
+    assert _cli(["data", "generate", "--topics", str(topics), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("snakes: error: Data generation needs the `ollama` package: pip install 'snakes_lib[data]'")
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-"""Folders other libraries load (snakes_lib.interop, chapter 05b): transformers loads the hf folder, the official
+"""Folders other libraries load (snakes_lib.interop, chapter 05c): transformers loads the hf folder, the official
 folder has what mamba_ssm's loader requires, snakes reads all three back, `snakes export` publishes atomically."""
 import json
 import logging

@@ -1,4 +1,4 @@
-"""Tests for snakes_lib.model: config, forward, cache/step, checkpoints, init."""
+"""Tests for snakes_lib.model: forward, cache/step, checkpoints, init (the config: test_config.py)."""
 import json
 import math
 
@@ -17,49 +17,6 @@ def tiny(**kw):
 
 def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-# -- config ---------------------------------------------------------------------------------------------------------
-def test_config_json_round_trip_and_official_layout():
-    c = tiny(ngroups=2, A_init_range=(2, 8), tie_embeddings=False)
-    d = json.loads(json.dumps(c.to_dict()))
-    assert d["model_type"] == "mamba2"
-    assert Mamba2Config.from_dict(d) == c
-    off = json.loads(json.dumps(c.to_official_dict()))
-    assert off["ssm_cfg"]["layer"] == "Mamba2" and off["ssm_cfg"]["d_state"] == 8
-    assert Mamba2Config.from_dict(off) == c
-
-
-def test_config_derived_sizes_and_vocab_padding():
-    c = tiny(vocab_size=50, pad_vocab_size_multiple=16)
-    assert (c.d_inner, c.nheads, c.conv_dim) == (64, 8, 64 + 16)
-    assert c.d_in_proj == 2 * 64 + 2 * 8 + 8
-    assert c.padded_vocab_size == 64
-    m = Mamba2LM(c)
-    assert m.backbone.embedding.weight.shape == (64, 32)
-    assert m(torch.randint(0, 50, (1, 3))).shape == (1, 3, 50)
-
-
-@pytest.mark.parametrize("kw, msg", [(dict(headdim=12), "multiple of headdim"),
-                                     (dict(ngroups=3), "multiple of ngroups"),
-                                     (dict(d_model=0), "positive integer"),
-                                     (dict(A_init_range=(0, 1)), "A_init_range")])
-def test_config_errors(kw, msg):
-    with pytest.raises(ValueError, match=msg):
-        tiny(**kw)
-
-
-def test_config_rejects_unknown_and_unsupported_fields():
-    with pytest.raises(ValueError, match="unknown"):
-        Mamba2Config.from_dict({**tiny().to_dict(), "d_fancy": 3})
-    off = tiny().to_official_dict()
-    off["ssm_cfg"]["norm_before_gate"] = True
-    with pytest.raises(ValueError, match="norm_before_gate"):
-        Mamba2Config.from_dict(off)
-    with pytest.raises(ValueError, match="d_intermediate"):
-        Mamba2Config.from_dict({**tiny().to_official_dict(), "d_intermediate": 128})
-    with pytest.raises(ValueError, match="model_type"):
-        Mamba2Config.from_dict({**tiny().to_dict(), "model_type": "transformer"})
 
 
 # -- layers ---------------------------------------------------------------------------------------------------------
