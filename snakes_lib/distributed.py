@@ -9,12 +9,23 @@ Docs: https://github.com/snakes-course/snakes/distributed.html.md"""
 # %% ../notebooks/06e_distributed.ipynb #19e15e1e
 from __future__ import annotations
 
+import contextlib
 import datetime
+import functools
 import os
 from dataclasses import dataclass
+from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_model as _st_load_model
+
+from .data import sequential_batches
+from .model import build_model
+from .presets import ResumeConflictError, TrainConfig, resolve_precision
+from .train import Trainer, lm_loss
+from .utils import pick_device
 
 
 def training_state_bytes(n_params: int, world_size: int = 1, sharded: bool = False) -> float:
@@ -36,8 +47,9 @@ def comm_bytes_per_step(n_params: int, world_size: int, mode: str, param_bytes: 
     raise ValueError(f"mode must be 'ddp' or 'fsdp', got {mode!r}")
 
 # %% auto #0
-__all__ = ['training_state_bytes', 'comm_bytes_per_step', 'DistEnv', 'init_distributed', 'global_batch_starts', 'rank_rows',
-           'step_batch', 'wrap_model', 'parallel_train']
+__all__ = ['DIST_TIMEOUT_S', 'training_state_bytes', 'comm_bytes_per_step', 'DistEnv', 'init_distributed', 'global_batch_starts',
+           'rank_rows', 'step_batch', 'LossModule', 'wrap_model', 'parallel_train', 'micro_batch', 'full_state',
+           'load_full_state', 'ParallelTrainer', 'hybrid_comm_bytes', 'tp_comm_bytes', 'cp_state_bytes']
 
 # %% ../notebooks/06e_distributed.ipynb #48916c7e
 @dataclass(frozen=True)
@@ -103,24 +115,46 @@ def step_batch(tokens: torch.Tensor, seed: int, step: int, seq_len: int, global_
     return windows[:, :-1], windows[:, 1:]
 
 # %% ../notebooks/06e_distributed.ipynb #0a3fddd2
-def wrap_model(model: torch.nn.Module, mode: str, env: DistEnv, device: str | torch.device = "cpu"):
+class LossModule(torch.nn.Module):
+    """The training loss as one module, `loss_fn(lm, x, y)`, so that DDP's and FSDP's hooks see every use of the
+    weights: the chunked loss reads `lm.hidden_states` and `lm.lm_head.weight`, not `lm.forward`."""
+    def __init__(self, lm: torch.nn.Module, loss_fn):
+        super().__init__()
+        self.lm, self.loss_fn = lm, loss_fn
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.lm, x, y)
+
+
+def _blocks(model: torch.nn.Module) -> list:
+    layers = getattr(getattr(model, "backbone", None), "layers", None)
+    return list(layers if layers is not None else getattr(model, "layers", []))
+
+
+def wrap_model(model: torch.nn.Module, mode: str, env: DistEnv, device: str | torch.device = "cpu", loss_fn=None,
+               param_dtype: torch.dtype | None = None):
     """The model for data-parallel training. mode: 'ddp' (DistributedDataParallel) or 'fsdp' (FSDP2, one unit per
-    block in `model.backbone.layers`). A single process gets the model back unchanged."""
+    block in `model.backbone.layers`, the rest in the root unit). With `loss_fn`, the wrapped unit is
+    `LossModule(model, loss_fn)`, called as `wrapped(x, y) -> loss`. FSDP computes in `param_dtype` (default: bf16 on
+    GPUs, the weights' dtype on CPUs) and reduces gradients in float32. A single process gets the unit unwrapped."""
     if mode not in ("ddp", "fsdp"):
         raise ValueError(f"--parallel must be 'ddp' or 'fsdp', got {mode!r}")
+    root = model if loss_fn is None else LossModule(model, loss_fn)
     if not env.distributed:
-        return model
+        return root
     device = torch.device(device)
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None)
+        return DistributedDataParallel(root, device_ids=[env.local_rank] if device.type == "cuda" else None)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                 if device.type == "cuda" else MixedPrecisionPolicy())
-    for block in model.backbone.layers:
+    if param_dtype is None and device.type == "cuda":
+        param_dtype = torch.bfloat16
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for block in _blocks(model):
         fully_shard(block, mp_policy=mp_policy)
-    fully_shard(model, mp_policy=mp_policy)
-    return model
+    fully_shard(root, mp_policy=mp_policy)
+    return root
+
 
 # %% ../notebooks/06e_distributed.ipynb #9c38767c
 def _train_worker(rank: int, world: int, mode: str, init_file: str, steps: int, out: dict, config: dict):
@@ -163,3 +197,256 @@ def parallel_train(world: int, mode: str = "ddp", steps: int = 3, config: dict |
         else:
             mp.spawn(_train_worker, args=(world, mode, os.path.join(tmp, "init"), steps, out, config), nprocs=world)
         return dict(out)
+
+# %% ../notebooks/06e_distributed.ipynb #120c93ed
+def micro_batch(tokens, seed: int, step: int, micro: int, grad_accum: int, batch_size: int, seq_len: int,
+                env: DistEnv) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `step` sampler: rank `env.rank`'s micro-batch `micro` of optimizer step `step`, x and y int64
+    (batch_size, seq_len) with y[:, t] = x[:, t + 1]. tokens: a 1-D array or tensor (the token cache).
+
+    The global batch of the step, grad_accum x world_size x batch_size windows, is a function of (seed, step) alone
+    (`global_batch_starts`), laid out as (micro, rank, row): the ranks' micro-batches are disjoint, and one process
+    with batch_size x world_size per micro-batch draws exactly their union."""
+    world = env.world_size
+    starts = global_batch_starts(seed, step, len(tokens), seq_len, grad_accum * world * batch_size)
+    first = (micro * world + env.rank) * batch_size
+    idx = starts[first:first + batch_size].numpy()[:, None] + np.arange(seq_len + 1)[None, :]
+    win = tokens[torch.from_numpy(idx)] if isinstance(tokens, torch.Tensor) else np.asarray(tokens[idx])
+    win = torch.as_tensor(win).long()
+    return win[:, :-1], win[:, 1:]
+
+# %% ../notebooks/06e_distributed.ipynb #c19aa798
+def _full(options_cls):
+    return options_cls(full_state_dict=True, cpu_offload=True)
+
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    "The optimizer's parameters by name, in its own order (the order of the integer keys of its state_dict)."
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model state_dict, optimizer state_dict) as full CPU tensors on rank 0 (empty dicts on the others), the
+    optimizer's keyed by integers like `optimizer.state_dict()`, so a checkpoint looks the same however it trained.
+    Every rank must call it: FSDP gathers the shards."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    msd = get_model_state_dict(model, options=_full(StateDictOptions))
+    osd = get_optimizer_state_dict(model, optimizer, options=_full(StateDictOptions))
+    if not osd:
+        return msd, osd
+    index = {n: i for i, n in enumerate(n for g in osd["param_groups"] for n in g["params"])}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]
+    return msd, {"state": {index[n]: s for n, s in osd["state"].items()}, "param_groups": groups}
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, opt_sd: dict) -> None:
+    """Load full state dicts (every rank passes the same; FSDP keeps its shard of each tensor), the optimizer's keyed
+    by integers as `full_state` writes them. Any world size can load what any world size saved."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    names = _param_names(model, optimizer)
+    named = {"state": {names[i]: s for i, s in opt_sd["state"].items()},
+             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt_sd["param_groups"]]}
+    set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+
+# %% ../notebooks/06e_distributed.ipynb #e2add600
+DIST_TIMEOUT_S = 1800.0   # a collective that waits longer fails: rank 0 may tokenize a corpus while the others wait
+
+
+class _ParallelSetupMixin:
+    "Set-up under torchrun: the process group, the run's sampler and world size, rank 0's data first, the wrap."
+
+    def _setup(self) -> None:
+        env, cfg = self.env, self.cfg
+        if env.distributed:
+            device = pick_device(cfg.device)
+            if device.startswith("cuda"):
+                self.cfg = cfg = cfg.replace(device=f"cuda:{env.local_rank}")   # one GPU per rank
+            init_distributed(env, pick_device(cfg.device), timeout_s=DIST_TIMEOUT_S)
+        super()._setup()
+        if env.distributed and self.is_main:
+            g = cfg.batch_size * cfg.grad_accum * env.world_size
+            print(f"data parallel ({self.cfg.parallel or 'ddp'}, {dist.get_backend()}): global batch = {cfg.batch_size} "
+                  f"per rank x {cfg.grad_accum} accumulation x {env.world_size} ranks = {g} sequences of "
+                  f"{cfg.seq_len} tokens ({g * cfg.seq_len:,} tokens per step)", flush=True)
+
+    def _default_sampler(self, state) -> str:
+        "A new run under torchrun draws per step; one process keeps the one random stream of earlier versions."
+        return "step" if state is None and self.env.distributed else "stream"
+
+    def _resume_point(self):
+        ckpt, state = super()._resume_point()
+        cfg, world = self.cfg, self.env.world_size
+        if state is not None and state.get("world_size", 1) != world:
+            was = state.get("world_size", 1)
+            how = "without torchrun" if was == 1 else f"under torchrun with {was} processes in all"
+            raise ResumeConflictError(
+                f"--resume {cfg.out}: the run trained on {was} process(es), a global batch of {cfg.batch_size} x "
+                f"{cfg.grad_accum} x {was} = {cfg.batch_size * cfg.grad_accum * was} sequences; this launch has "
+                f"{world}, which would change the batch and the result. Resume it {how} (e.g. `torchrun "
+                f"--nproc_per_node {was} -m snakes_lib train --out {cfg.out} --resume`). Its model.safetensors "
+                "loads in one process whatever the number of GPUs.")
+        if world > 1 and cfg.sampler != "step":
+            raise ValueError(f"--sampler {cfg.sampler} draws one random stream for one process; under torchrun each "
+                             "rank's batches come from --sampler step (the default there)")
+        if world > 1 and cfg.parallel == "fsdp" and resolve_precision(cfg.precision, pick_device(cfg.device)) == "fp16":
+            raise ValueError("--parallel fsdp trains in bf16 or fp32, not fp16 (its gradient scaler is not wired "
+                             "here): pass --precision bf16, or --parallel ddp")
+        return ckpt, state
+
+# %% ../notebooks/06e_distributed.ipynb #b1d59247
+class _ParallelDataMixin:
+    "Set-up, continued: rank 0's data first, then the model wrapped for DDP or FSDP."
+
+    def _setup_data(self, ckpt, state) -> None:
+        "Rank 0 trains the tokenizer and fills the token cache; the others then read both."
+        if self.is_main:
+            super()._setup_data(ckpt, state)
+        self._barrier()
+        if not self.is_main:
+            super()._setup_data(ckpt, state)
+
+    def _parallelize(self) -> None:
+        "Wrap the loss for DDP or FSDP (before the optimizer is made: FSDP replaces the parameters by shards)."
+        cfg = self.cfg
+        self.dp = None
+        if not self.env.distributed:
+            return
+        if cfg.compile:
+            raise ValueError("--compile is not supported under torchrun yet: drop it (or train in one process)")
+        loss_fn = functools.partial(lm_loss, chunked=cfg.chunked_ce, chunk_rows=cfg.ce_chunk_rows)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.dp = wrap_model(self.model, cfg.parallel or "ddp", self.env, self.device, loss_fn, param_dtype=dtype)
+
+    def _barrier(self) -> None:
+        if self.env.distributed:
+            dist.barrier()
+
+# %% ../notebooks/06e_distributed.ipynb #91baa98e
+class _ParallelStepMixin:
+    "The steps under torchrun: each rank's batch, gradients averaged once per step, the ranks agreeing."
+
+    def _batch(self, micro: int):
+        if self.cfg.sampler != "step":
+            return super()._batch(micro)
+        cfg = self.cfg
+        x, y = micro_batch(self.data.train, cfg.seed, self.step, micro, cfg.grad_accum, cfg.batch_size, cfg.seq_len,
+                           self.env)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _grad_sync(self, last: bool):
+        "DDP: `no_sync` on all but the last micro-batch; FSDP: reduce-scatter only after the last."
+        if self.dp is None or last and not hasattr(self.dp, "set_requires_gradient_sync"):
+            return contextlib.nullcontext()
+        if hasattr(self.dp, "set_requires_gradient_sync"):
+            self.dp.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return self.dp.no_sync()
+
+    def _loss(self, x, y):
+        if self.dp is None:
+            return super()._loss(x, y)
+        with self._autocast():
+            return self.dp(x, y)
+
+    def _reduce(self, values: list[float], op=None) -> list[float]:
+        if not self.env.distributed:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def _mean_over_ranks(self, value: float) -> float:
+        return self._reduce([value])[0] / self.env.world_size
+
+    def _agree(self, *flags: bool) -> tuple[bool, ...]:
+        return tuple(v > 0 for v in self._reduce([float(f) for f in flags], dist.ReduceOp.MAX))
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """One process's validation loss at batch_size x world_size, computed in shares: each rank takes its rows of
+        every batch, and the weighted means are summed over ranks."""
+        if self.dp is None:
+            return super().evaluate()
+        cfg, env = self.cfg, self.env
+        self.dp.train(False)
+        sums = []
+        for i, (x, y) in enumerate(sequential_batches(self.data.val, cfg.batch_size * env.world_size, cfg.seq_len)):
+            if i >= cfg.eval_batches:
+                break
+            xs, ys = x.tensor_split(env.world_size)[env.rank], y.tensor_split(env.world_size)[env.rank]
+            n = len(xs)
+            if n == 0:         # a short last batch: still run a forward, as FSDP gathers weights with every rank
+                xs, ys = x[:1], y[:1]
+            sums.append(self._loss(xs.to(self.device), ys.to(self.device)).item() * n / len(x))
+        self.dp.train(True)
+        return float(np.mean(self._reduce(sums))) if sums else float("nan")
+
+# %% ../notebooks/06e_distributed.ipynb #582b282b
+class ParallelTrainer(_ParallelSetupMixin, _ParallelDataMixin, _ParallelStepMixin, Trainer):
+    """The Trainer in one process or as one rank of a torchrun job (`snakes train` uses it). In one process with
+    `--sampler stream` (the default there) it is exactly chapter 06's Trainer. Under torchrun: rank 0 alone logs,
+    draws the progress bar, plots and writes the run folder; checkpoints hold full state dicts (FSDP gathers them),
+    so the run folder is the one a single process writes."""
+    samplers = ("stream", "step")
+
+    def __init__(self, cfg: TrainConfig, callbacks=(), env: Optional[DistEnv] = None):
+        super().__init__(cfg, callbacks)
+        self.env = env or DistEnv.from_env()
+        self.world_size, self.is_main = self.env.world_size, self.env.is_main
+        self.dp, self._shadow = None, None
+
+    def _sharded(self) -> bool:
+        return self.dp is not None and hasattr(self.dp, "set_requires_gradient_sync")
+
+    def _saveable(self):
+        "FSDP: the full weights (gathered into a CPU copy of the model on rank 0) and the full optimizer state."
+        if not self._sharded():
+            return super()._saveable()
+        msd, osd = full_state(self.model, self.optimizer)
+        if not self.is_main:
+            return None, None
+        if self._shadow is None:
+            self._shadow = build_model(self.cfg.model_type, self.model_config)
+        self._shadow.load_state_dict(msd)
+        return self._shadow, osd
+
+    def _load_model_and_optimizer(self, weights, opt_sd: dict) -> None:
+        if not self._sharded():
+            return super()._load_model_and_optimizer(weights, opt_sd)
+        full = build_model(self.cfg.model_type, self.model_config)       # reads the file as one process would
+        _st_load_model(full, str(weights), strict=True)
+        load_full_state(self.model, self.optimizer, full.state_dict(), opt_sd)
+
+    def fit(self):
+        "Train (see Trainer.fit); under torchrun, leave the process group however the run ends."
+        try:
+            return super().fit()
+        finally:
+            if self.env.distributed and dist.is_initialized():
+                dist.destroy_process_group()
+
+# %% ../notebooks/06e_distributed.ipynb #adbd1c90
+def hybrid_comm_bytes(n_params: int, gpus_per_node: int, nodes: int, param_bytes: int = 2,
+                      grad_bytes: int = 4) -> dict[str, float]:
+    """Bytes each GPU sends per optimizer step with hybrid sharding (HSDP): FSDP within a node, replicas across
+    nodes. intra: the node's FSDP traffic; inter: the all-reduce of this GPU's gradient shard (P / gpus_per_node)
+    among the `nodes` replicas, the only traffic that crosses the slower network."""
+    intra = comm_bytes_per_step(n_params, gpus_per_node, "fsdp", param_bytes, grad_bytes)
+    inter = comm_bytes_per_step(n_params // gpus_per_node, nodes, "ddp", param_bytes, grad_bytes)
+    return {"intra": intra, "inter": inter}
+
+
+def tp_comm_bytes(d_model: int, n_layer: int, tokens: int, tp: int, act_bytes: int = 2) -> float:
+    """Bytes each GPU sends per step with tensor parallelism over `tp` GPUs: per layer one all-reduce of the
+    (tokens, d_model) out_proj partial sums forward and one of their gradient backward (section 3)."""
+    return 0.0 if tp < 2 else n_layer * 2 * (2 * (tp - 1) / tp) * tokens * d_model * act_bytes
+
+
+def cp_state_bytes(config, sequences: int, state_bytes: int = 4) -> float:
+    """Bytes one GPU passes to the next per step with context parallelism: per layer and sequence the final SSD state,
+    nheads x headdim x d_state, forward, and its gradient backward (the conv's last d_conv - 1 inputs aside)."""
+    return config.n_layer * sequences * 2 * config.nheads * config.headdim * config.d_state * state_bytes

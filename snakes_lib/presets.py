@@ -89,6 +89,8 @@ class TrainConfig:
     # batch and length
     batch_size: int = 16              # micro-batch
     grad_accum: int = 1               # micro-batches per optimizer step
+    parallel: Optional[str] = None    # under torchrun: ddp (replicas) | fsdp (sharded); None = the preset's, else ddp
+    sampler: Optional[str] = None     # stream (one random stream; one process) | step (a function of seed, step, rank)
     seq_len: int = 128                # training length
     chunk_size: Optional[int] = None  # SSD chunk; None = the size's
     # optimization
@@ -147,9 +149,9 @@ SCHEDULES = ("cosine", "wsd")
 # the run's identity, fixed when it starts; a resume that names other values is refused
 RESUME_FIXED = ("model_size", "model_type", "model_config", "vocab_size", "chunk_size", "seq_len", "data", "include",
                 "exclude", "val_fraction", "seed", "batch_size", "grad_accum", "warmup_steps", "weight_decay",
-                "beta1", "beta2", "schedule", "decay_fraction")
+                "beta1", "beta2", "schedule", "decay_fraction", "sampler")
 RESUME_MAY_CHANGE = ("lr", "min_lr", "lr_decay_steps")     # allowed on resume, with a notice
-_NONE_IS_THE_RUNS = {"model_config", "chunk_size", "data", "include", "exclude", "lr_decay_steps"}
+_NONE_IS_THE_RUNS = {"model_config", "chunk_size", "data", "include", "exclude", "lr_decay_steps", "sampler"}
 
 
 class ResumeConflictError(ValueError):
@@ -231,6 +233,7 @@ class VramPreset:
     vocab_size: int
     lr: float
     note: str = ""
+    parallel: str = "ddp"             # under torchrun: the large models shard (FSDP), leaving memory to activations
 
 VRAM_PRESETS: dict[str, VramPreset] = {
     # Micro-batches are sized so that `estimate_memory` stays near 40% of the budget (the estimate is rough, the
@@ -244,8 +247,8 @@ VRAM_PRESETS: dict[str, VramPreset] = {
     "16gb": VramPreset(16,   "medium", 32,  2,  512, True,  True,   8192, 4e-4, "e.g. RTX 4080, T4, V100-16"),
     "24gb": VramPreset(24,   "medium", 32,  2, 1024, True,  True,   8192, 4e-4, "e.g. RTX 3090/4090, A10"),
     "32gb": VramPreset(32,   "medium", 16,  4, 2048, True,  True,   8192, 4e-4, "e.g. V100-32, RTX 5090"),
-    "48gb": VramPreset(48,   "large",  32,  2, 1024, True,  True,  16384, 3e-4, "e.g. A6000, L40S"),
-    "80gb": VramPreset(80,   "large",  32,  2, 2048, True,  True,  16384, 3e-4, "e.g. A100/H100 80GB"),
+    "48gb": VramPreset(48,   "large",  32,  2, 1024, True,  True,  16384, 3e-4, "e.g. A6000, L40S", "fsdp"),
+    "80gb": VramPreset(80,   "large",  32,  2, 2048, True,  True,  16384, 3e-4, "e.g. A100/H100 80GB", "fsdp"),
 }
 PRESET_NAMES = list(VRAM_PRESETS) + ["auto"]
 
@@ -296,7 +299,8 @@ def resolve_preset(name: str = "auto", **overrides: Any) -> TrainConfig:
     p = VRAM_PRESETS[name]
     cfg = TrainConfig(preset=name, model_size=p.model_size, batch_size=p.batch_size, grad_accum=p.grad_accum,
                       seq_len=p.seq_len, activation_checkpointing=p.activation_checkpointing,
-                      chunked_ce=p.chunked_ce, vocab_size=p.vocab_size, lr=p.lr, min_lr=p.lr / 10)
+                      chunked_ce=p.chunked_ce, vocab_size=p.vocab_size, lr=p.lr, min_lr=p.lr / 10,
+                      parallel=p.parallel)
     if p.budget_gb is not None:   # GPU runs are longer: evaluate and save less often
         cfg = cfg.replace(max_steps=5000, warmup_steps=200, eval_every=250, eval_batches=20, checkpoint_every=500)
     if "model_size" in overrides and overrides["model_size"] not in MODEL_SIZES:

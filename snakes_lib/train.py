@@ -169,9 +169,9 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the run stopped and kept its last good checkpoint."""
 
 # %% ../notebooks/06_trainer.ipynb #d144b4ca
-def optimizer_to_safetensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """An optimizer's state_dict as (tensors, json_meta): every tensor goes to safetensors, scalars to JSON."""
-    sd = optimizer.state_dict()
+def optimizer_to_safetensors(optimizer: torch.optim.Optimizer | dict) -> tuple[dict, dict]:
+    """An optimizer's state_dict (or the optimizer) as (tensors, json_meta): tensors to safetensors, scalars to JSON."""
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for k, v in st.items():
@@ -261,7 +261,7 @@ class _RunFolderMixin:
     def _writing(self):
         """Hold the run folder (checked, locked, marked: snakes_lib.runfolder.RunFolder) while writing to it, and turn
         Ctrl-C into RunInterrupted and a full or read-only disk into DiskWriteError, each saying what was kept."""
-        if self._folder is not None:
+        if self._folder is not None or not self.is_main:     # under torchrun rank 0 alone holds the folder
             yield
             return
         self._folder = RunFolder(self.cfg.out, "snakes train").open()
@@ -343,8 +343,9 @@ class _SetupMixin:
         if state is not None:
             self._load_state(ckpt, state)
             self._log(f"resumed {run_dir} at step {self.step} from {ckpt.name}")
-        atomic_write_json(run_dir / TRAIN_CONFIG, self.cfg.to_dict())
-        self._truncate_metrics()
+        if self.is_main:
+            atomic_write_json(run_dir / TRAIN_CONFIG, self.cfg.to_dict())
+            self._truncate_metrics()
         self._phase = "train"
 
     def _resume_point(self) -> tuple[Optional[Path], Optional[dict]]:
@@ -365,9 +366,17 @@ class _SetupMixin:
             self.cfg, notices = resume_config(cfg, TrainConfig.from_dict(state["config"]), state["step"])
             for n in notices:
                 print(f"resume: {n}", file=sys.stderr, flush=True)
+        if self.cfg.sampler is None:                 # runs from before samplers were named drew one random stream
+            self.cfg = self.cfg.replace(sampler=self._default_sampler(state))
+        if self.cfg.sampler not in self.samplers:
+            raise ValueError(f"this trainer samples batches with {' or '.join(self.samplers)}, the run asks for "
+                             f"--sampler {self.cfg.sampler}: train it with `snakes train` (snakes_lib.distributed)")
         if self.cfg.lr_decay_steps is None and self.cfg.schedule == "cosine":   # a cosine is sized once; wsd follows
             self.cfg = self.cfg.replace(lr_decay_steps=self.cfg.max_steps)      # --max-steps (see resume_config)
         return ckpt, state
+
+    def _default_sampler(self, state: Optional[dict]) -> str:
+        return "stream"
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -427,10 +436,14 @@ class _DataModelMixin:
             self.model.recompute_ssd = True
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.hidden = torch.compile(self.model.hidden_states) if (cfg.compile and cfg.chunked_ce) else None
+        self._parallelize()                         # under torchrun: DDP or FSDP (snakes_lib.distributed)
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                                         self.device_type)
         self.scaler = torch.amp.GradScaler(self.device_type) if self.precision == "fp16" else None
         self.data_generator = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def _parallelize(self) -> None:
+        "One process: nothing to wrap."
 
 # %% ../notebooks/06_trainer.ipynb #1ce6b758
 class _StateMixin:
@@ -443,29 +456,41 @@ class _StateMixin:
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "tokenizer_fingerprint": self.tokenizer.fingerprint,
                 "corpus_fingerprint": getattr(self.data, "corpus_fingerprint", None),
-                "model_type": self.cfg.model_type, "config": self.cfg.to_dict()}
+                "model_type": self.cfg.model_type, "config": self.cfg.to_dict(), "world_size": self.world_size}
 
-    def save_checkpoint(self) -> Path:
-        """Write checkpoints/step_N/ (model, optimizer, RNGs, data position, trainer state) atomically."""
+    def _saveable(self) -> tuple[Any, Optional[dict]]:
+        "(the full model, the optimizer's state_dict) to write; under FSDP every rank gathers, rank 0 receives."
+        return self.model, self.optimizer.state_dict()
+
+    def _export(self, info: dict) -> None:
+        model, _ = self._saveable()
+        if self.is_main:
+            export_model(model, self.run_dir, self.cfg.model_type, info)
+
+    def save_checkpoint(self) -> Optional[Path]:
+        """Write checkpoints/step_N/ (model, optimizer, RNGs, data position, trainer state) atomically (rank 0)."""
+        model, opt_sd = self._saveable()
+        self._last_ckpt_step = self.step
+        if not self.is_main:
+            return None
+
         def files(d: Path) -> None:
-            save_model_dir(self.model, d, self.cfg.model_type)
-            opt_tensors, opt_meta = optimizer_to_safetensors(self.optimizer)
+            save_model_dir(model, d, self.cfg.model_type)
+            opt_tensors, opt_meta = optimizer_to_safetensors(opt_sd)
             _st_save(opt_tensors, str(d / "optimizer.safetensors"))
             (d / "optimizer.json").write_text(json.dumps(opt_meta))
             rng_tensors, rng_meta = rng_state(self.data_generator)
             _st_save(rng_tensors, str(d / "rng.safetensors"))
             (d / "trainer_state.json").write_text(json.dumps({**self.state_dict(), "rng": rng_meta}, indent=2))
         path = write_checkpoint(self.run_dir, self.step, files, keep=self.cfg.keep_checkpoints)
-        self._last_ckpt_step = self.step
         if not self.eval_enabled:                  # no validation: the latest weights are the run's model
-            export_model(self.model, self.run_dir, self.cfg.model_type, {"step": self.step, "val_loss": None})
+            export_model(model, self.run_dir, self.cfg.model_type, {"step": self.step, "val_loss": None})
         return path
 
     def _load_state(self, ckpt: Path, state: dict) -> None:
-        _st_load_model(self.model, str(ckpt / WEIGHTS_FILE), strict=True, device=self.device)
         opt_sd = optimizer_from_safetensors(_st_load(str(ckpt / "optimizer.safetensors")),
                                             json.loads((ckpt / "optimizer.json").read_text()))
-        self.optimizer.load_state_dict(opt_sd)
+        self._load_model_and_optimizer(ckpt / WEIGHTS_FILE, opt_sd)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         set_rng_state(_st_load(str(ckpt / "rng.safetensors")), state["rng"], self.data_generator)
@@ -474,6 +499,10 @@ class _StateMixin:
         self._elapsed = state.get("elapsed_s", 0.0)
         self._last_ckpt_step = self.step
 
+    def _load_model_and_optimizer(self, weights: Path, opt_sd: dict) -> None:
+        _st_load_model(self.model, str(weights), strict=True, device=self.device)
+        self.optimizer.load_state_dict(opt_sd)
+
     def _truncate_metrics(self) -> None:
         """On resume, drop metric lines past the checkpoint (a crashed run may have logged further)."""
         p = self.run_dir / METRICS_FILE
@@ -481,6 +510,8 @@ class _StateMixin:
         atomic_write_bytes(p, "".join(json.dumps(r) + "\n" for r in recs).encode())
 
     def _write_metrics(self, rec: dict) -> None:
+        if not self.is_main:
+            return
         with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
@@ -505,30 +536,45 @@ class _StepMixin:
         self._snapshot = (self.data_generator.get_state(), torch.get_rng_state())
         total = 0.0
         for micro in range(cfg.grad_accum):
-            x, y = random_batch(self.data.train, cfg.batch_size, cfg.seq_len, self.data_generator)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            loss = self._loss(x, y)
-            value = loss.item()
-            if not math.isfinite(value):
-                self._non_finite(value, micro)
-            total += value
-            loss = loss / cfg.grad_accum
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            x, y = self._batch(micro)
+            with self._grad_sync(micro == cfg.grad_accum - 1):   # ranks average gradients on the last one only
+                loss = self._loss(x, y)
+                value = loss.item()
+                if not math.isfinite(value) and self.world_size == 1:
+                    self._non_finite(value, micro)
+                total += value
+                loss = loss / cfg.grad_accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+        mean = self._mean_over_ranks(total / cfg.grad_accum)     # every rank sees the same value, and stops together
+        if not math.isfinite(mean):
+            self._non_finite(mean, cfg.grad_accum - 1)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if cfg.grad_clip and cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            if self.scaler is None and not torch.isfinite(norm):
-                self._non_finite(float(norm), cfg.grad_accum - 1, what="gradient norm")
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)    # FSDP: a DTensor
+            if self.scaler is None and not math.isfinite(norm):
+                self._non_finite(norm, cfg.grad_accum - 1, what="gradient norm")
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.step += 1
-        self.tokens += cfg.tokens_per_step
+        self.tokens += cfg.tokens_per_step * self.world_size
         self.optimizer.zero_grad(set_to_none=True)
-        return total / cfg.grad_accum
+        return mean
+
+    def _batch(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        "Micro-batch `micro` of this step on the device: the next windows of the run's one random stream."
+        x, y = random_batch(self.data.train, self.cfg.batch_size, self.cfg.seq_len, self.data_generator)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _grad_sync(self, last: bool):
+        return contextlib.nullcontext()
+
+    def _mean_over_ranks(self, value: float) -> float:
+        return value
 
     def _non_finite(self, value: float, micro: int, what: str = "loss") -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -562,7 +608,7 @@ class _EvalMixin:
         improved = self.best_val is None or val < self.best_val - self.cfg.min_delta
         if improved:
             self.best_val, self.best_step, self.bad_evals = val, self.step, 0
-            export_model(self.model, self.run_dir, self.cfg.model_type, {"step": self.step, "val_loss": val})
+            self._export({"step": self.step, "val_loss": val})
         else:
             self.bad_evals += 1
         rec["best_val_loss"] = self.best_val
@@ -585,7 +631,7 @@ class _LoopMixin:
 
     def _fit(self) -> TrainResult:
         cfg = self.cfg
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.is_main), desc="train", dynamic_ncols=True)
         window, t0, clean = [], time.perf_counter(), True
         try:
             if self.step >= cfg.max_steps:
@@ -617,12 +663,15 @@ class _LoopMixin:
             bar.close()
         return self._finish(clean, window, t0)
 
+    def _agree(self, *flags: bool) -> tuple[bool, ...]:
+        return flags
+
     def _after_step(self, loss: float, dt: float, bar, window: list, t0: float) -> None:
         "After a step: log, update the bar, evaluate, run callbacks, then stop or save a checkpoint if it is time."
         cfg = self.cfg
         self._elapsed += dt
         window.append(loss)
-        tps = cfg.tokens_per_step / max(dt, 1e-9)
+        tps = cfg.tokens_per_step * self.world_size / max(dt, 1e-9)
         if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
             self._write_metrics({"step": self.step, "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                                  "tokens": self.tokens, "tokens_per_s": round(tps, 1),
@@ -631,12 +680,15 @@ class _LoopMixin:
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mem=f"{_memory_gb(self.device):.2f}G")
         if self.eval_enabled and self.step % cfg.eval_every == 0:
             self._eval_and_maybe_stop()
-            plot_metrics(self.run_dir)
+            if self.is_main:
+                plot_metrics(self.run_dir)
         for cb in self.callbacks:
             cb(self)
-        if self._stop_requested:
+        stop, late = self._agree(self._stop_requested,    # the ranks stop together (one Ctrl-C or clock decides)
+                                 bool(cfg.max_minutes) and time.perf_counter() - t0 > 60 * (cfg.max_minutes or 0))
+        if stop:
             self.stop_reason = "interrupted"
-        elif cfg.max_minutes and time.perf_counter() - t0 > 60 * cfg.max_minutes and self.stop_reason is None:
+        elif late and self.stop_reason is None:
             self.stop_reason = "time_budget"
             self._log(f"time budget of {cfg.max_minutes} min reached at step {self.step}")
         elif cfg.checkpoint_every > 0 and self.step % cfg.checkpoint_every == 0 and self.stop_reason is None:
@@ -651,6 +703,7 @@ class Trainer(_RunFolderMixin, _SetupMixin, _DataModelMixin, _StateMixin, _StepM
     The methods come in groups, one notebook cell each: holding the run folder (`_RunFolderMixin`), set-up
     (`_SetupMixin`), saving and restoring state (`_StateMixin`), the steps (`_StepMixin`, `_EvalMixin`)
     and the loop (`_LoopMixin`); here: the state, `fit` and the end of a run."""
+    samplers = ("stream",)                      # how batches are drawn: one random stream (see TrainConfig.sampler)
 
     def __init__(self, cfg: TrainConfig, callbacks: Iterable[Callable[["Trainer"], None]] = ()):
         self.cfg = cfg
@@ -670,9 +723,10 @@ class Trainer(_RunFolderMixin, _SetupMixin, _DataModelMixin, _StateMixin, _StepM
         self._folder: Optional[RunFolder] = None     # the open run folder (lock held) while setting up and training
         self._phase = "setup"
         self._abort = False
+        self.world_size, self.is_main = 1, True       # snakes_lib.distributed's ParallelTrainer: torchrun's ranks
 
     def _log(self, msg: str) -> None:
-        if self.cfg.progress:
+        if self.cfg.progress and self.is_main:
             print(msg, flush=True)
 
     def fit(self) -> TrainResult:
@@ -702,8 +756,9 @@ class Trainer(_RunFolderMixin, _SetupMixin, _DataModelMixin, _StateMixin, _StepM
         if clean and self._last_ckpt_step != self.step:
             self.save_checkpoint()
         if not self.eval_enabled or self.best_val is None:
-            export_model(self.model, self.run_dir, cfg.model_type, {"step": self.step, "val_loss": None})
-        plot_metrics(self.run_dir)
+            self._export({"step": self.step, "val_loss": None})
+        if self.is_main:
+            plot_metrics(self.run_dir)
         if self.stop_reason in ("interrupted", "stop_at"):
             self._log(f"{'paused' if self.stop_reason == 'stop_at' else 'interrupted'}: checkpoint at step "
                       f"{self.step} in {self.run_dir}; continue with --resume")
@@ -713,11 +768,13 @@ class Trainer(_RunFolderMixin, _SetupMixin, _DataModelMixin, _StateMixin, _StepM
                            seconds=time.perf_counter() - t0, model=self.model, tokenizer=self.tokenizer)
 
 
-def train(cfg: Optional[TrainConfig] = None, callbacks: Iterable[Callable] = (), **overrides) -> TrainResult:
-    """Train per `cfg` (default: the "auto" preset) with `overrides` applied; see TrainConfig for the fields."""
+def train(cfg: Optional[TrainConfig] = None, callbacks: Iterable[Callable] = (), trainer_class: Optional[type] = None,
+          **overrides) -> TrainResult:
+    """Train per `cfg` (default: the "auto" preset) with `overrides` applied; see TrainConfig for the fields.
+    `trainer_class`: Trainer by default; `snakes train` passes snakes_lib.distributed.ParallelTrainer."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if cfg is None:
         cfg = resolve_preset(overrides.pop("preset", "auto"), **overrides)
     else:
         cfg = cfg.replace(**overrides)
-    return Trainer(cfg, callbacks).fit()
+    return (trainer_class or Trainer)(cfg, callbacks).fit()
