@@ -45,7 +45,7 @@ def worker(args) -> None:
     from snakes_lib.distributed import DistEnv, init_distributed, micro_batch, wrap_model
     from snakes_lib.model import Mamba2Config, Mamba2LM
     from snakes_lib.presets import MODEL_SIZES
-    from snakes_lib.train import lm_loss, make_optimizer
+    from snakes_lib.optim import lm_loss, make_optimizer
     env = DistEnv.from_env()
     cuda = args.device.startswith("cuda")
     device = torch.device(f"cuda:{env.local_rank}" if cuda else "cpu")

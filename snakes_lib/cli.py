@@ -105,7 +105,7 @@ def config_from_args(args: argparse.Namespace):
         except json.JSONDecodeError as e:
             raise ValueError(f"--model-config {args.model_config!r} is not valid JSON ({e}); write an object such "
                              "as '{\"n_layer\": 2}'") from None
-        from snakes_lib.train import check_model_config
+        from snakes_lib.presets import check_model_config
         check_model_config(args.model_type or "mamba2", overrides["model_config"])
     from snakes_lib.utils import folder_path, snakes_cache_dir
     folder_path(args.cache_dir, "--cache-dir ") if args.cache_dir else snakes_cache_dir()   # refused before any work

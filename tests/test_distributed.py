@@ -1,4 +1,4 @@
-"""Chapter 06e: torchrun's environment, each rank's data, and two CPU processes (gloo) training exactly what one
+"""Chapter 06f: torchrun's environment, each rank's data, and two CPU processes (gloo) training exactly what one
 process trains, with DDP and with FSDP2: in a toy loop, and through `snakes train` under torchrun (equal weights and
 loss curves, a killed rank then a resume equal to the uninterrupted run, a resume on another world size refused)."""
 import json
@@ -142,7 +142,7 @@ def test_killed_rank_then_resume_equals_the_uninterrupted_run(runs):
     root, _ = runs
     args = _train_args(root, "killed", "--batch-size", "2", "--parallel", "fsdp", "--checkpoint-every", "2")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
-    proc = subprocess.Popen(_torchrun(*args, script=(str(HERE / "slow_cli.py"), "snakes_lib.train:write_checkpoint",
+    proc = subprocess.Popen(_torchrun(*args, script=(str(HERE / "slow_cli.py"), "snakes_lib.runs:write_checkpoint",
                                                      "120", "--")), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     try:
