@@ -14,6 +14,8 @@ DEMO_PROMPT = "Once upon a time, there lived a baby girl named Maia."
 
 # flags that take a list of values
 _LIST_FIELDS = {"data", "include", "exclude"}
+# flags with a fixed set of values
+_CHOICES = {"parallel": ("ddp", "fsdp"), "sampler": ("stream", "step")}
 # fields that are not flags of `snakes train` (set otherwise, or not meant for the command line)
 _HIDDEN_FIELDS = {"preset", "model_config"}
 
@@ -57,6 +59,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "precision": "auto, fp32, bf16 or fp16",
         "resume": "continue the run in --out from its newest good checkpoint",
         "progress": "progress bar and messages (--no-progress for logs)",
+        "parallel": "under torchrun: ddp (a replica per GPU; the default) or fsdp (weights, gradients and AdamW "
+                    "state sharded; the large presets' choice)",
+        "sampler": "how batches are drawn: stream (one random stream; one process's default) or step (a function "
+                   "of seed, step and rank; the default under torchrun); fixed when a run starts",
+        "batch_size": "micro-batch per process (under torchrun the global batch is this x --grad-accum x ranks)",
     }
     for f in dataclasses.fields(TrainConfig):
         if f.name in _HIDDEN_FIELDS:
@@ -70,6 +77,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=h)
         elif f.name == "schedule":
             p.add_argument(_flag(f.name), default=None, choices=SCHEDULES, help=h)
+        elif f.name in _CHOICES:
+            p.add_argument(_flag(f.name), default=None, choices=_CHOICES[f.name], help=helps[f.name])
         elif f.name in ("lr_decay_steps", "chunk_size", "stop_at"):
             p.add_argument(_flag(f.name), type=_number(f.name, int), default=None, metavar="N", help=h)
         elif f.name == "cache_dir":
@@ -96,7 +105,7 @@ def config_from_args(args: argparse.Namespace):
         except json.JSONDecodeError as e:
             raise ValueError(f"--model-config {args.model_config!r} is not valid JSON ({e}); write an object such "
                              "as '{\"n_layer\": 2}'") from None
-        from snakes_lib.train import check_model_config
+        from snakes_lib.presets import check_model_config
         check_model_config(args.model_type or "mamba2", overrides["model_config"])
     from snakes_lib.utils import folder_path, snakes_cache_dir
     folder_path(args.cache_dir, "--cache-dir ") if args.cache_dir else snakes_cache_dir()   # refused before any work
@@ -148,14 +157,21 @@ def _exit_status(e: BaseException) -> Optional[int]:
 
 
 def cmd_train(args) -> int:
+    """`snakes train`, in one process or as one rank of a torchrun job (snakes_lib.distributed.ParallelTrainer):
+    rank 0 alone prints."""
+    import os
+    from snakes_lib.distributed import ParallelTrainer
     from snakes_lib.train import train
     cfg = config_from_args(args)
-    print(f"preset {cfg.preset}: model {cfg.model_size} ({cfg.model_type}), micro-batch {cfg.batch_size} x "
-          f"{cfg.grad_accum} accumulation x {cfg.seq_len} tokens, precision {cfg.precision}, "
-          f"activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}, "
-          f"chunked CE {'on' if cfg.chunked_ce else 'off'} -> {cfg.out}", flush=True)
-    res = train(cfg)
-    _print_result(res)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if main_rank:
+        print(f"preset {cfg.preset}: model {cfg.model_size} ({cfg.model_type}), micro-batch {cfg.batch_size} x "
+              f"{cfg.grad_accum} accumulation x {cfg.seq_len} tokens, precision {cfg.precision}, "
+              f"activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}, "
+              f"chunked CE {'on' if cfg.chunked_ce else 'off'} -> {cfg.out}", flush=True)
+    res = train(cfg, trainer_class=ParallelTrainer)
+    if main_rank:
+        _print_result(res)
     return 130 if res.stop_reason == "interrupted" else 0
 
 

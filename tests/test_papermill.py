@@ -13,7 +13,7 @@ def test_trainer_notebook_runs_under_papermill(tmp_path):
     pm = pytest.importorskip("papermill")
     corpus = make_corpus(tmp_path / "corpus", n_docs=40)
     out = tmp_path / "out.ipynb"
-    nb_path = Path(__file__).resolve().parents[1] / "notebooks" / "06_trainer.ipynb"
+    nb_path = Path(__file__).resolve().parents[1] / "notebooks" / "06e_trainer.ipynb"
     pm.execute_notebook(str(nb_path), str(out), kernel_name="python3", progress_bar=False,
                         cwd=str(tmp_path),
                         parameters=dict(preset="cpu", data=str(corpus), max_steps=4, seq_len=32, batch_size=2,

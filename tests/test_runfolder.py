@@ -251,7 +251,7 @@ def test_ctrl_c_in_data_generate(tmp_path):
 def test_full_disk_simulated(tmp_path, corpus, monkeypatch, capsys, fail_at):
     """safetensors' writer fails like a full disk on the fail_at-th checkpoint, leaving half a file."""
     import safetensors
-    import snakes_lib.train as T
+    import snakes_lib.runs as T                 # the trainer writes its checkpoints there (_StateMixin)
     real, calls = T._st_save, [0]
 
     def full_disk(tensors, filename, *a, **k):
