@@ -63,6 +63,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                     "state sharded; the large presets' choice)",
         "sampler": "how batches are drawn: stream (one random stream; one process's default) or step (a function "
                    "of seed, step and rank; the default under torchrun); fixed when a run starts",
+        "doc_reset": "packed documents: each one read as if alone, the state reset at <|endoftext|> (default on; "
+                     "--no-doc-reset reads across them, as runs from before this option did); fixed when a run starts",
         "batch_size": "micro-batch per process (under torchrun the global batch is this x --grad-accum x ranks)",
     }
     for f in dataclasses.fields(TrainConfig):
@@ -73,7 +75,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         if f.name in _LIST_FIELDS:
             p.add_argument(_flag(f.name), nargs="+", default=None, metavar="PATH" if f.name == "data" else "GLOB",
                            help=h)
-        elif isinstance(default, bool):
+        elif isinstance(default, bool) or f.name == "doc_reset":
             p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=h)
         elif f.name == "schedule":
             p.add_argument(_flag(f.name), default=None, choices=SCHEDULES, help=h)

@@ -316,7 +316,8 @@ class _ParallelDataMixin:
             return
         if cfg.compile:
             raise ValueError("--compile is not supported under torchrun yet: drop it (or train in one process)")
-        loss_fn = functools.partial(lm_loss, chunked=cfg.chunked_ce, chunk_rows=cfg.ce_chunk_rows)
+        loss_fn = functools.partial(lm_loss, chunked=cfg.chunked_ce, chunk_rows=cfg.ce_chunk_rows,
+                                    eos_id=self.tokenizer.eos_id if cfg.doc_reset else None)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.dp = wrap_model(self.model, cfg.parallel or "ddp", self.env, self.device, loss_fn, param_dtype=dtype)
 

@@ -22,8 +22,8 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from .presets import SCHEDULES, wsd_decay_start
 
 # %% auto #0
-__all__ = ['chunked_cross_entropy', 'lm_loss', 'lr_at', 'no_weight_decay', 'make_optimizer', 'optimizer_to_safetensors',
-           'optimizer_from_safetensors', 'rng_state', 'set_rng_state']
+__all__ = ['chunked_cross_entropy', 'document_labels', 'lm_loss', 'lr_at', 'no_weight_decay', 'make_optimizer',
+           'optimizer_to_safetensors', 'optimizer_from_safetensors', 'rng_state', 'set_rng_state']
 
 # %% ../notebooks/06c_optim.ipynb #17e3fca3
 def _ce_chunk_sum(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor,
@@ -57,16 +57,26 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     return total / count
 
 
+def document_labels(x: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Which document each token of a packed window belongs to: x (batch, seqlen) -> (batch, seqlen) int64, the
+    number of `eos_id` tokens before each position (an <|endoftext|> belongs to the document it ends)."""
+    ends = (x == eos_id).long().cumsum(dim=1)
+    return F.pad(ends[:, :-1], (1, 0))
+
+
 def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunked: bool = False,
-            chunk_rows: int = 4096, forward: Optional[Callable] = None) -> torch.Tensor:
+            chunk_rows: int = 4096, forward: Optional[Callable] = None, eos_id: Optional[int] = None) -> torch.Tensor:
     """Next-token cross-entropy of any model with the shared LM interface. x, y: (batch, seqlen) int64.
 
-    chunked=True uses model.hidden_states(x) and model.lm_head (see chunked_cross_entropy)."""
+    chunked=True uses model.hidden_states(x) and model.lm_head (see chunked_cross_entropy). eos_id: the windows are
+    packed documents separated by this token; each document is read as if it were alone (`seq_idx`, chapter 05b)."""
+    kw = {} if eos_id is None else {"seq_idx": document_labels(x, eos_id)}
     if chunked:
-        h = (model.hidden_states if forward is None else forward)(x)
-        head = model.lm_head
-        return chunked_cross_entropy(h, head.weight, y, bias=head.bias, chunk_rows=chunk_rows)
-    logits = (model if forward is None else forward)(x)   # not `forward or model`: a compiled module has no bool()
+        h = (model.hidden_states if forward is None else forward)(x, **kw)
+        head, vocab = model.lm_head, model.config.vocab_size      # the rows past vocab_size are padding, as in forward
+        bias = None if head.bias is None else head.bias[:vocab]
+        return chunked_cross_entropy(h, head.weight[:vocab], y, bias=bias, chunk_rows=chunk_rows)
+    logits = (model if forward is None else forward)(x, **kw)   # not `forward or model`: a compiled module has no bool()
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))

@@ -111,6 +111,7 @@ class TrainConfig(_DictRoundTrip):
     grad_accum: int = 1               # micro-batches per optimizer step
     parallel: Optional[str] = None    # under torchrun: ddp (replicas) | fsdp (sharded); None = the preset's, else ddp
     sampler: Optional[str] = None     # stream (one random stream; one process) | step (a function of seed, step, rank)
+    doc_reset: Optional[bool] = None  # packed documents: Mamba-2's state (and attention) stop at <|endoftext|>; None = on
     seq_len: int = 128                # training length
     chunk_size: Optional[int] = None  # SSD chunk; None = the size's
     # optimization
@@ -155,9 +156,9 @@ SCHEDULES = ("cosine", "wsd")
 # the run's identity, fixed when it starts; a resume that names other values is refused
 RESUME_FIXED = ("model_size", "model_type", "model_config", "vocab_size", "chunk_size", "seq_len", "data", "include",
                 "exclude", "val_fraction", "seed", "batch_size", "grad_accum", "warmup_steps", "weight_decay",
-                "beta1", "beta2", "schedule", "decay_fraction", "sampler")
+                "beta1", "beta2", "schedule", "decay_fraction", "sampler", "doc_reset")
 RESUME_MAY_CHANGE = ("lr", "min_lr", "lr_decay_steps")     # allowed on resume, with a notice
-_NONE_IS_THE_RUNS = {"model_config", "chunk_size", "data", "include", "exclude", "lr_decay_steps", "sampler"}
+_NONE_IS_THE_RUNS = {"model_config", "chunk_size", "data", "include", "exclude", "lr_decay_steps", "sampler", "doc_reset"}
 
 
 class ResumeConflictError(ValueError):

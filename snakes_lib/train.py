@@ -140,6 +140,8 @@ class _ResumeMixin:
                 print(f"resume: {n}", file=sys.stderr, flush=True)
         if self.cfg.sampler is None:                 # runs from before samplers were named drew one random stream
             self.cfg = self.cfg.replace(sampler=self._default_sampler(state))
+        if self.cfg.doc_reset is None:               # on for new runs; runs from before it existed keep reading across
+            self.cfg = self.cfg.replace(doc_reset=state is None)
         if self.cfg.sampler not in self.samplers:
             raise ValueError(f"this trainer samples batches with {' or '.join(self.samplers)}, the run asks for "
                              f"--sampler {self.cfg.sampler}: train it with `snakes train` (snakes_lib.distributed)")
@@ -216,10 +218,12 @@ class _StepMixin:
     "One optimizer step, and what stops a run: a non-finite loss, or validation loss that no longer improves."
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        eos = self.tokenizer.eos_id if self.cfg.doc_reset else None       # packed documents, each read alone
         with self._autocast():
             if self.cfg.chunked_ce:
-                return lm_loss(self.model, x, y, chunked=True, chunk_rows=self.cfg.ce_chunk_rows, forward=self.hidden)
-            return lm_loss(self.model, x, y, forward=self.forward)
+                return lm_loss(self.model, x, y, chunked=True, chunk_rows=self.cfg.ce_chunk_rows, forward=self.hidden,
+                               eos_id=eos)
+            return lm_loss(self.model, x, y, forward=self.forward, eos_id=eos)
 
     def train_step(self) -> float:
         """One optimizer step: grad_accum micro-batches, clipping, AdamW. Returns the mean micro-batch loss."""

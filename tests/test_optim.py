@@ -101,3 +101,21 @@ def test_lr_schedule_wsd_holds_then_decays():
     assert [lr_at(s, 1.0, 0.1, 2, 20, "wsd", 0.2) for s in range(8)] == lrs[:8]
     with pytest.raises(ValueError, match="cosine, wsd"):
         lr_at(5, 1.0, 0.1, 2, 10, "linear")
+
+
+def test_document_labels_and_a_packed_loss_equal_each_document_alone():
+    from snakes_lib.model import Mamba2Config, Mamba2LM
+    from snakes_lib.optim import document_labels, lm_loss
+    x = torch.tensor([[5, 0, 7, 8, 0, 0, 9], [0, 3, 3, 3, 3, 3, 0]])
+    assert document_labels(x, 0).tolist() == [[0, 0, 1, 1, 1, 2, 3], [0, 1, 1, 1, 1, 1, 1]]
+    torch.manual_seed(0)
+    model = Mamba2LM(Mamba2Config(d_model=16, n_layer=1, vocab_size=12, d_state=4, headdim=4, chunk_size=4)).double()
+    docs = [torch.tensor([[4, 5, 6, 0]]), torch.tensor([[7, 8, 0]]), torch.tensor([[9, 10, 11, 3, 2]])]
+    ids = torch.cat(docs, dim=1)
+    x, y = ids[:, :-1], ids[:, 1:]
+    alone = torch.cat([model(d) for d in docs], dim=1)[:, :-1]
+    want = F.cross_entropy(alone.reshape(-1, alone.shape[-1]), y.reshape(-1))
+    for chunked in (False, True):
+        got = lm_loss(model, x, y, chunked=chunked, eos_id=0)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(lm_loss(model, x, y), want)

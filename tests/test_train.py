@@ -248,3 +248,18 @@ def test_resume_with_a_new_lr_says_so_and_uses_it(corpus, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--lr 0.001 replaces the run's 0.003 from step 5" in err and "--min-lr 0.0001" in err
     assert _lrs(tmp_path / "run")[-1] == (6, lr_at(5, 1e-3, 1e-4, 2, 6))
+
+
+def test_packed_documents_are_read_alone_by_default_and_fixed_for_the_run(tmp_path):
+    rng = random.Random(3)                                                   # short documents: every window holds several
+    (tmp_path / "corpus").mkdir()
+    for i in range(120):
+        (tmp_path / "corpus" / f"d{i:03d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))))
+    train(tiny_cfg(tmp_path, "on", max_steps=3, eval_every=0, checkpoint_every=3))
+    train(tiny_cfg(tmp_path, "off", max_steps=3, eval_every=0, checkpoint_every=3, doc_reset=False, lr_decay_steps=10))
+    state = json.loads((find_checkpoint(tmp_path / "on") / "trainer_state.json").read_text())
+    assert state["config"]["doc_reset"] is True                              # a new run reads each document alone
+    assert _losses(tmp_path / "on")[0] != _losses(tmp_path / "off")[0]      # and that changes the loss
+    with pytest.raises(ValueError, match="--doc-reset"):                    # fixed when the run started
+        train(tiny_cfg(tmp_path, "off", max_steps=4, resume=True, doc_reset=True))
+    assert train(tiny_cfg(tmp_path, "off", max_steps=4, resume=True)).step == 4
