@@ -10,7 +10,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test test-fast notebooks export check-export bench lab clean
+.PHONY: demo test test-browser test-fast notebooks export check-export bench lab clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/snakes demo
 
-## Every test: the library (pytest) and every chapter run top to bottom (nbval).
+## Every test: the library (pytest) and every chapter run top to bottom (nbval), then the widget chapters used in
+## JupyterLab in headless Chromium (alone, so that nothing else loads the CPU; skips with the reason without Chromium).
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile tests notebooks --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+	$(PY) -m pytest -n 2 --dist loadfile tests notebooks --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg -m "not browser"
+	$(MAKE) test-browser
+
+## The widget chapters as a learner uses them: JupyterLab, Run All, every slider moved (tests/test_browser.py).
+test-browser: $(STAMP)
+	$(PY) -m pytest tests/test_browser.py -m browser -rA --durations=0
 
 ## Library tests only (no notebooks), for a quick loop.
 test-fast: $(STAMP)

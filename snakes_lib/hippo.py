@@ -11,13 +11,14 @@ from __future__ import annotations
 import base64
 import io
 import math
+import threading
 
 import torch
 
 # %% auto #0
 __all__ = ['HIPPO_SIGNALS', 'INIT_A_METHODS', 'make_hippo_legs', 'discretize_zoh', 'discretize_bilinear', 'discretize',
            'legendre', 'hippo_legs_online', 'hippo_legs_reconstruct', 'hippo_signal', 'hippo_explorer', 'widget_bundle',
-           'show_widget', 'init_A_log', 'init_dt_bias']
+           'one_redraw_at_a_time', 'show_widget', 'init_A_log', 'init_dt_bias']
 
 # %% ../notebooks/01_hippo.ipynb #0eec25aa
 def make_hippo_legs(N: int, dtype: torch.dtype = torch.float64):
@@ -176,9 +177,30 @@ def widget_bundle(widget, figure=None, note: str = "an interactive widget: run t
     return bundle
 
 
+_redraw_lock = threading.RLock()
+
+
+def one_redraw_at_a_time(widget) -> None:
+    """Make every `ipywidgets.interactive` in `widget` (itself or inside its children) run its callback and redraw
+    under one lock, so that redraws requested from two threads (the kernel's main thread and a subshell) take turns."""
+    from ipywidgets import interactive
+    if isinstance(widget, interactive) and not getattr(widget, "_one_at_a_time", False):
+        def update(*args, _update=widget.update):
+            with _redraw_lock:
+                _update(*args)
+        for control in widget.kwargs_widgets:
+            control.unobserve(widget.update, names="value")
+            control.observe(update, names="value")
+        widget._one_at_a_time = True
+    for child in getattr(widget, "children", ()):
+        one_redraw_at_a_time(child)
+
+
 def show_widget(widget, figure=None) -> None:
-    "Display `widget`, with a picture of `figure` for viewers that cannot run it (see `widget_bundle`)."
+    """Display `widget`, with a picture of `figure` for viewers that cannot run it (see `widget_bundle`); its
+    `interactive` parts redraw one call at a time (`one_redraw_at_a_time`)."""
     from IPython.display import display
+    one_redraw_at_a_time(widget)
     display(widget_bundle(widget, figure), raw=True)
 
 # %% ../notebooks/01_hippo.ipynb #a4a8a716

@@ -258,3 +258,49 @@ def test_widget_bundle_has_the_view_and_a_picture():
     assert "run the notebook" in bundle["text/plain"] and "interactive(" not in bundle["text/plain"]
     assert "image/png" not in widget_bundle(w)                       # no figure, no picture
     plt.close(fig)
+
+
+def _two_moves_at_once(slider):
+    "Move `slider` from two threads at once, as two kernel threads handling two widget messages would."
+    import threading
+    threads = [threading.Thread(target=setattr, args=(slider, "value", v)) for v in (3, 7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def test_one_redraw_at_a_time_serializes_widget_callbacks():
+    "JupyterLab may deliver two slider moves in two kernel threads; show_widget's lock makes the redraws take turns."
+    import threading
+    import time
+
+    widgets = pytest.importorskip("ipywidgets")
+    from snakes_lib.hippo import one_redraw_at_a_time
+    runs = {"inside": 0, "most": 0, "calls": 0}
+    lock = threading.Lock()
+
+    def slow(x=0):
+        with lock:
+            runs["inside"] += 1
+            runs["calls"] += 1
+            runs["most"] = max(runs["most"], runs["inside"])
+        deadline = time.monotonic() + 0.5
+        while runs["inside"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with lock:
+            runs["inside"] -= 1
+        return x
+
+    for serialized in (False, True):
+        w = widgets.interactive(slow, x=widgets.IntSlider(0, 0, 10))
+        box = widgets.VBox([widgets.HTML("status"), w])          # found inside a container too
+        if serialized:
+            one_redraw_at_a_time(box)
+            one_redraw_at_a_time(box)                              # twice: still one callback per move
+        runs.update(most=0, calls=0)
+        _two_moves_at_once(w.children[0])
+        assert runs["calls"] == 2 and w.result in (3, 7)
+        assert runs["most"] == (1 if serialized else 2), (serialized, runs)
+    w.children[0].value = 5
+    assert runs["calls"] == 3 and w.result == 5
