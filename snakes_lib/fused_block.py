@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ssd import _doc_ids
+from .ssd import document_ids
 
 # %% auto #0
 __all__ = ['CONV_CONFIG', 'gated_rmsnorm_fwd', 'gated_rmsnorm_bwd', 'causal_conv_fwd', 'causal_conv_bwd', 'gated_rmsnorm',
@@ -231,10 +231,10 @@ def _channels_dense(x: torch.Tensor) -> torch.Tensor:
 
 
 def _doc_arg(seq_idx, x):
-    "Document numbers (b, L) int32 for the kernels from seq_idx (see chapter 03's `_doc_ids`), or x as a dummy pointer."
+    "Document numbers (b, L) int32 for the kernels from seq_idx (see chapter 03's `document_ids`), or x as a dummy pointer."
     if seq_idx is None:
         return x, False
-    return _doc_ids(seq_idx, x.shape[0], x.shape[1], x.device).to(torch.int32).contiguous(), True
+    return document_ids(seq_idx, x.shape[0], x.shape[1], x.device).to(torch.int32).contiguous(), True
 
 
 def causal_conv_fwd(x, weight, bias, silu: bool = True, seq_idx=None):

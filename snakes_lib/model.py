@@ -8,9 +8,7 @@ the sizes come from chapter 05a's `Mamba2Config`, re-exported here. Not handled:
 # %% ../notebooks/05b_model.ipynb #e4a29caf
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -18,11 +16,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from fastcore.basics import patch
 
-from .config import (MODEL_TYPES, Mamba2Config, _read_config, build_model, load_model,  # chapter 05a
+from .config import (MODEL_TYPES, Mamba2Config, build_model, load_model,  # chapter 05a
                                mamba2_num_parameters, model_class, register_model)
 from .hippo import init_A_log, init_dt_bias
-from .ssd import _doc_ids, ssd_chunked, ssd_step
-from .utils import atomic_write, atomic_write_text
+from .ssd import document_ids, ssd_chunked, ssd_step
 
 # what `from snakes_lib.model import ...` has always offered, now built in chapter 05a
 _all_ = ["Mamba2Config", "mamba2_num_parameters", "MODEL_TYPES", "register_model", "model_class", "build_model",
@@ -30,9 +27,8 @@ _all_ = ["Mamba2Config", "mamba2_num_parameters", "MODEL_TYPES", "register_model
 
 # %% auto #0
 __all__ = ['RMSNorm', 'GatedRMSNorm', 'causal_conv_documents', 'Mamba2Mixer', 'Mamba2Block', 'Mamba2Backbone', 'Mamba2Cache',
-           'Mamba2LM', 'hf_to_snakes_state_dict', 'snakes_to_hf_state_dict', 'load_mamba2', 'save_mamba2',
-           'Mamba2Config', 'mamba2_num_parameters', 'MODEL_TYPES', 'register_model', 'model_class', 'build_model',
-           'load_model']
+           'Mamba2LM', 'Mamba2Config', 'mamba2_num_parameters', 'MODEL_TYPES', 'register_model', 'model_class',
+           'build_model', 'load_model']
 
 # %% ../notebooks/05b_model.ipynb #42e89a12
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -76,7 +72,7 @@ def causal_conv_documents(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     weight (channels, d_conv), bias (channels,), seq_idx (batch, seqlen) integers -> (batch, seqlen, channels).
     A tap reaching back into another document (or before the start) reads zero."""
     b, l, _ = x.shape
-    doc = _doc_ids(seq_idx, b, l, x.device)
+    doc = document_ids(seq_idx, b, l, x.device)
     K = weight.shape[-1]
     out = bias.to(x.dtype).expand_as(x)
     for back in range(K):                                  # the tap `back` steps into the past uses weight[:, K-1-back]
@@ -290,27 +286,6 @@ class Mamba2LM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
 
-    @torch.no_grad()
-    def reset_parameters(self):
-        "The official init (see the notebook): embedding N(0, 0.02), dt via inverse softplus, A_log, D = 1, out_proj / sqrt(n_layer)."
-        c = self.config
-        nn.init.normal_(self.backbone.embedding.weight, std=c.initializer_range)
-        for block in self.backbone.layers:
-            m = block.mixer
-            m.in_proj.reset_parameters(); m.conv1d.reset_parameters(); m.out_proj.reset_parameters()
-            m.dt_bias.copy_(init_dt_bias(c.nheads, dt_min=c.dt_min, dt_max=c.dt_max, dt_floor=c.dt_init_floor))
-            m.A_log.copy_(init_A_log(c.nheads, method=c.A_init, a_min=c.A_init_range[0], a_max=c.A_init_range[1]))
-            m.D.fill_(1.0)
-            if c.rescale_prenorm_residual:
-                m.out_proj.weight /= math.sqrt(c.n_layer)
-        for mod in self.modules():
-            if isinstance(mod, (RMSNorm, GatedRMSNorm, nn.LayerNorm)):
-                mod.weight.fill_(1.0)
-                if getattr(mod, "bias", None) is not None:
-                    mod.bias.zero_()
-        if not c.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=c.initializer_range)
-
     @property
     def recompute_ssd(self) -> bool:
         "True: every mixer recomputes its SSD core in the backward pass (less activation memory, ~one more SSD forward)."
@@ -333,7 +308,28 @@ class Mamba2LM(nn.Module):
         for block in self.backbone.layers:
             block.mixer.kernels = value
 
-
+# %% ../notebooks/05b_model.ipynb #118bf5a8
+@patch
+@torch.no_grad()
+def reset_parameters(self: Mamba2LM):
+    "The official init (see the notebook): embedding N(0, 0.02), dt via inverse softplus, A_log, D = 1, out_proj / sqrt(n_layer)."
+    c = self.config
+    nn.init.normal_(self.backbone.embedding.weight, std=c.initializer_range)
+    for block in self.backbone.layers:
+        m = block.mixer
+        m.in_proj.reset_parameters(); m.conv1d.reset_parameters(); m.out_proj.reset_parameters()
+        m.dt_bias.copy_(init_dt_bias(c.nheads, dt_min=c.dt_min, dt_max=c.dt_max, dt_floor=c.dt_init_floor))
+        m.A_log.copy_(init_A_log(c.nheads, method=c.A_init, a_min=c.A_init_range[0], a_max=c.A_init_range[1]))
+        m.D.fill_(1.0)
+        if c.rescale_prenorm_residual:
+            m.out_proj.weight /= math.sqrt(c.n_layer)
+    for mod in self.modules():
+        if isinstance(mod, (RMSNorm, GatedRMSNorm, nn.LayerNorm)):
+            mod.weight.fill_(1.0)
+            if getattr(mod, "bias", None) is not None:
+                mod.bias.zero_()
+    if not c.tie_embeddings:
+        nn.init.normal_(self.lm_head.weight, std=c.initializer_range)
 
 # %% ../notebooks/05b_model.ipynb #845acacd
 def _capturing(t: torch.Tensor) -> bool:
@@ -438,82 +434,14 @@ def save_pretrained(self: Mamba2LM, directory, format: str = "snakes", tokenizer
     """Write a model folder. format "snakes": config.json (official nested layout + our fields) and
     model.safetensors; "hf": one transformers loads; "official": one mamba_ssm loads (chapter 05c).
     tokenizer: a SnakesTokenizer to write alongside (for "hf" with the files AutoTokenizer reads)."""
+    from snakes_lib import interop  # chapter 05c reads and writes the files; it imports this module, so not at the top
     if format == "snakes" and tokenizer is None:
-        return save_mamba2(self, directory)
-    from snakes_lib.interop import save_folder  # chapter 05c builds on this one: imported when needed
-    save_folder(self, directory, format, tokenizer)
+        return interop.save_mamba2(self, directory)
+    interop.save_folder(self, directory, format, tokenizer)
 
 
 @patch(cls_method=True)
 def from_pretrained(cls: Mamba2LM, directory, dtype=None, device=None) -> "Mamba2LM":
     "Load an official, snakes or transformers Mamba-2 folder (config.json + model.safetensors or pytorch_model.bin)."
+    from snakes_lib.interop import load_mamba2  # chapter 05c, imported when used (as in save_pretrained)
     return load_mamba2(directory, dtype=dtype, device=device)
-
-# %% ../notebooks/05b_model.ipynb #30fd1347
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def hf_to_snakes_state_dict(state_dict: dict) -> dict:
-    "Rename `transformers` Mamba2ForCausalLM keys (backbone.embeddings.*) to the official/snakes ones."
-    return {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in state_dict.items()}
-
-
-def snakes_to_hf_state_dict(state_dict: dict) -> dict:
-    "Rename official/snakes keys (backbone.embedding.*) to `transformers` Mamba2ForCausalLM ones."
-    return {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in state_dict.items()}
-
-
-def _read_weights(directory: Path) -> dict:
-    for name in _WEIGHT_FILES:
-        path = directory / name
-        if not path.is_file():
-            continue
-        try:
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-                return load_file(str(path))
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"could not read {path}: {type(e).__name__}: {e}. The file is corrupt or truncated — "
-                             f"re-download or re-save it") from None
-        if not isinstance(sd, dict):
-            raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict of tensors")
-        return sd.get("state_dict", sd) if "state_dict" in sd and isinstance(sd["state_dict"], dict) else sd
-    raise FileNotFoundError(f"no weights in {directory}: expected one of {', '.join(_WEIGHT_FILES)}")
-
-# %% ../notebooks/05b_model.ipynb #c3f97052
-def load_mamba2(directory, dtype=None, device=None) -> Mamba2LM:
-    "Load a Mamba-2 folder (snakes, official mamba_ssm, or transformers layout); see Mamba2LM.from_pretrained."
-    directory = Path(directory)
-    config = Mamba2Config.from_dict(_read_config(directory))
-    sd = hf_to_snakes_state_dict(_read_weights(directory))
-    model = Mamba2LM(config)
-    expected = model.state_dict()
-    if config.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-        expected.pop("lm_head.weight", None)
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"weights in {directory} do not match its config.json: missing {missing[:6]}"
-                         f"{' ...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
-                         f"{' ...' if len(unexpected) > 6 else ''}")
-    for k, v in sd.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(f"{k} in {directory} has shape {tuple(v.shape)} but config.json implies "
-                             f"{tuple(expected[k].shape)} (vocab_size / pad_vocab_size_multiple / d_state mismatch?)")
-    model.load_state_dict(sd, strict=False)
-    if dtype is not None or device is not None:
-        model.to(device=device, dtype=dtype)
-    return model.eval()
-
-
-def save_mamba2(model: Mamba2LM, directory) -> None:
-    "Write config.json and model.safetensors into `directory` (created if needed; files replaced atomically)."
-    from safetensors.torch import save_file
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    atomic_write(directory / "model.safetensors", lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
-    atomic_write_text(directory / "config.json", json.dumps(model.config.to_official_dict(), indent=2))

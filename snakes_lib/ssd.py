@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['check_ssd_inputs', 'ssd_step', 'ssd_recurrent', 'segsum', 'semiseparable_matrix', 'ssd_quadratic', 'ssd_minimal',
-           'ssd_chunked']
+__all__ = ['check_ssd_inputs', 'document_ids', 'ssd_step', 'ssd_recurrent', 'segsum', 'semiseparable_matrix', 'ssd_quadratic',
+           'ssd_minimal', 'ssd_chunked']
 
 # %% ../notebooks/03_ssd.ipynb #d1fa0c35
 def _shape(t: torch.Tensor) -> str:
@@ -79,10 +79,12 @@ def _heads(t: torch.Tensor, nheads: int) -> torch.Tensor:
     return t.repeat_interleave(nheads // t.shape[2], dim=2)
 
 # %% ../notebooks/03_ssd.ipynb #5e0a1d02
-def _doc_ids(seq_idx, batch: int, seqlen: int, device) -> torch.Tensor | None:
-    """seq_idx (batch, seqlen) integer labels, or None -> (batch, seqlen) int64 document numbers 0, 0, 1, 1, 2, ...
+def document_ids(seq_idx, batch: int, seqlen: int, device) -> torch.Tensor | None:
+    """Packed documents' labels -> document numbers that count up from 0 along each row.
 
-    A new document starts wherever the label changes from the token before; checks the type and shape."""
+    seq_idx: (batch, seqlen) integer labels, or None. Returns (batch, seqlen) int64 numbers 0, 0, 1, 1, 2, ... (a new
+    document wherever the label changes from the token before), or None for None. batch, seqlen and device are x's:
+    a ValueError names a non-integer seq_idx, another shape or another device."""
     if seq_idx is None:
         return None
     if not isinstance(seq_idx, torch.Tensor) or seq_idx.is_floating_point() or seq_idx.is_complex() or seq_idx.dtype == torch.bool:
@@ -120,7 +122,7 @@ def ssd_recurrent(x, dt, A, B, C, D=None, initial_state=None, seq_idx=None):
     (initial_state belongs to the first document). Returns y (batch, seqlen, nheads, headdim) and the final state
     (batch, nheads, headdim, dstate), the last document's."""
     batch, seqlen, nheads, headdim, ngroups, dstate = check_ssd_inputs(x, dt, A, B, C, D, initial_state)
-    doc = _doc_ids(seq_idx, batch, seqlen, x.device)
+    doc = document_ids(seq_idx, batch, seqlen, x.device)
     cd = _compute_dtype(x)
     state = (torch.zeros(batch, nheads, headdim, dstate, dtype=cd, device=x.device)
              if initial_state is None else initial_state.to(cd))
@@ -172,7 +174,7 @@ def ssd_quadratic(x, dt, A, B, C, D=None, initial_state=None, seq_idx=None):
 
     Shapes as `ssd_recurrent` (with seq_idx, M is block diagonal: one block per document). Returns (y, final_state)."""
     batch, seqlen, nheads, headdim, ngroups, dstate = check_ssd_inputs(x, dt, A, B, C, D, initial_state)
-    doc = _doc_ids(seq_idx, batch, seqlen, x.device)
+    doc = document_ids(seq_idx, batch, seqlen, x.device)
     cd = _compute_dtype(x)
     x_, dt_, A_ = x.to(cd), dt.to(cd), A.to(cd)
     M = semiseparable_matrix(dt_, A_, B.to(cd), C.to(cd))                   # (b, h, l, s)
@@ -273,7 +275,7 @@ def _decay_matrix(a: torch.Tensor) -> torch.Tensor:
 
 
 def _document_masks(doc, pad: int, c: int, Q: int):
-    """Where packed documents (doc (b, seqlen) from `_doc_ids`) cut the chunked form's decays, as 0/1 masks.
+    """Where packed documents (doc (b, seqlen) from `document_ids`) cut the chunked form's decays, as 0/1 masks.
 
     Returns same (b, c, Q, Q): tokens i, j of a chunk in one document (steps 1, 2); reads (b, c, Q): token i is in the
     document of the state entering its chunk (step 4); carries (b, c): chunk k's document goes on after it (step 3)."""
@@ -325,7 +327,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, D=None, initial_state=None
     b, g, r, p, n, Q = batch, ngroups, nheads // ngroups, headdim, dstate, chunk_size
     pad = (-seqlen) % Q
     c = (seqlen + pad) // Q                                           # number of chunks
-    doc = _doc_ids(seq_idx, batch, seqlen, x.device)
+    doc = document_ids(seq_idx, batch, seqlen, x.device)
     masks = None if doc is None or c == 0 else [m.to(cd) for m in _document_masks(doc, pad, c, Q)]
 
     a, xdt, Bc, Cc = _chunked_layout(x, dt, A, B, C, Q, cd)          # (b, g, c, r, Q), (b, g, c, r, Q, p), (b, g, c, Q, n) x2

@@ -165,6 +165,41 @@ def _float32_error(seqlen, chunk_size, dstate, nheads, headdim, ngroups=1) -> fl
     y = ssd_chunked(*(t.float() for t in inputs), chunk_size=chunk_size, backend="torch")[0]
     return ((y.double() - ref).abs().max() / ref.abs().max()).item()
 
+# %% ../notebooks/03b_ssd_cost.ipynb #c04f1165
+def _explorer_row(axs, var: str, points: list, chosen: int, shape: dict, measure: bool, repeats: int) -> dict:
+    """One row of `ssd_cost_explorer`'s figure: `ssd_chunked` at `points` (dicts of chunk_size and dstate, `var`
+    varying), counted (FLOPs and bytes per step), measured (time, peak memory; only if `measure`) and its float32 error,
+    drawn on the row's 5 axes with a red line at `chosen`. Returns the row's numbers, keyed as in `sweep`."""
+    xs = [p[var] for p in points]
+    costs = [ssd_cost(**shape, **p) for p in points]
+    res = dict(values=xs, gflops=[c["chunked"]["flops"] / 1e9 for c in costs],
+               mib_moved=[c["chunked"]["bytes"] / 2**20 for c in costs])
+    for col, key, scale, label in ((0, "flops", 1e9, "counted GFLOP"), (1, "bytes", 2**20, "counted MiB moved")):
+        ax = axs[col]
+        for step in costs[0]["steps"]:
+            ax.plot(xs, [c["steps"][step][key] / scale for c in costs], ".-", label=step)
+        ax.plot(xs, [c["chunked"][key] / scale for c in costs], "k.-", lw=2, label="total")
+        ax.set(ylabel=label, yscale="log")
+    if measure:
+        ms = [measure_ssd("chunked", **shape, **p, repeats=repeats) for p in points]
+        res["time_ms"] = [m["time_median_s"] * 1e3 for m in ms]
+        res["peak_mib"] = [m["peak_bytes"] / 2**20 for m in ms]
+        axs[2].plot(xs, res["time_ms"], "o-")
+        axs[3].plot(xs, res["peak_mib"], "o-", label="measured")
+    axs[3].plot(xs, [c["chunked"]["peak_bytes"] / 2**20 for c in costs], "k--", label="estimate")
+    res["rel_diff"] = [_float32_error(**shape, **p) for p in points]
+    axs[4].plot(xs, res["rel_diff"], "o-", color="tab:purple")
+    axs[4].set(ylabel="float32 output vs float64\n(max relative difference)", yscale="log", ylim=(1e-9, 1e-3))
+    axs[2].set(ylabel=f"measured time (ms, median of {repeats})")
+    axs[3].set(ylabel="peak memory (MiB)")
+    axs[3].legend(fontsize=8)
+    for ax in axs:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(var)
+        ax.axvline(chosen, color="r", alpha=0.4)
+        ax.grid(alpha=0.3, which="both")
+    return res
+
 # %% ../notebooks/03b_ssd_cost.ipynb #cfd0cc6d
 def ssd_cost_explorer(chunk_size: int = 64, dstate: int = 64, seqlen: int = 2048, nheads: int = 8, headdim: int = 64,
                       ngroups: int = 1, measure: bool = True, chunk_sizes=(8, 16, 32, 64, 128, 256),
@@ -187,36 +222,8 @@ def ssd_cost_explorer(chunk_size: int = 64, dstate: int = 64, seqlen: int = 2048
     out = dict(chunk_size=chunk_size, dstate=dstate, seqlen=seqlen, sweep={})
     fig, axs = plt.subplots(2, 5, figsize=(19, 7))
     for row, (var, points) in enumerate(sweeps.items()):
-        xs = [p[var] for p in points]
-        costs = [ssd_cost(**shape, **p) for p in points]
-        res = dict(values=xs, gflops=[c["chunked"]["flops"] / 1e9 for c in costs],
-                   mib_moved=[c["chunked"]["bytes"] / 2**20 for c in costs])
-        for col, key, scale, label in ((0, "flops", 1e9, "counted GFLOP"), (1, "bytes", 2**20, "counted MiB moved")):
-            ax = axs[row, col]
-            for step in costs[0]["steps"]:
-                ax.plot(xs, [c["steps"][step][key] / scale for c in costs], ".-", label=step)
-            ax.plot(xs, [c["chunked"][key] / scale for c in costs], "k.-", lw=2, label="total")
-            ax.set(ylabel=label, yscale="log")
-        if measure:
-            ms = [measure_ssd("chunked", **shape, **p, repeats=repeats) for p in points]
-            res["time_ms"] = [m["time_median_s"] * 1e3 for m in ms]
-            res["peak_mib"] = [m["peak_bytes"] / 2**20 for m in ms]
-            axs[row, 2].plot(xs, res["time_ms"], "o-")
-            axs[row, 3].plot(xs, res["peak_mib"], "o-", label="measured")
-        axs[row, 3].plot(xs, [c["chunked"]["peak_bytes"] / 2**20 for c in costs], "k--", label="estimate")
-        res["rel_diff"] = [_float32_error(**shape, **p) for p in points]
-        axs[row, 4].plot(xs, res["rel_diff"], "o-", color="tab:purple")
-        axs[row, 4].set(ylabel="float32 output vs float64\n(max relative difference)", yscale="log", ylim=(1e-9, 1e-3))
-        axs[row, 2].set(ylabel=f"measured time (ms, median of {repeats})")
-        axs[row, 3].set(ylabel="peak memory (MiB)")
-        axs[row, 3].legend(fontsize=8)
         chosen = chunk_size if var == "chunk_size" else dstate
-        for ax in axs[row]:
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel(var)
-            ax.axvline(chosen, color="r", alpha=0.4)
-            ax.grid(alpha=0.3, which="both")
-        out["sweep"][var] = res
+        out["sweep"][var] = _explorer_row(axs[row], var, points, chosen, shape, measure, repeats)
     axs[0, 0].legend(fontsize=8)
     fig.suptitle(f"ssd_chunked, seqlen {seqlen}, {nheads} heads x {headdim}, {ngroups} group(s): "
                  f"chunk size {chunk_size}, dstate {dstate} (red line)")

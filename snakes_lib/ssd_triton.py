@@ -14,12 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .ssd import _doc_ids, check_ssd_inputs
+from .ssd import check_ssd_inputs, document_ids
 
 # %% auto #0
 __all__ = ['KERNEL_CONFIG', 'decay_cumsum', 'chunk_outer', 'state_passing', 'chunk_scan', 'chunk_states_fused',
            'chunk_states_fused_bwd', 'ssd_forward', 'state_passing_bwd', 'ssd_backward', 'triton_unsupported_reason',
-           'document_ids', 'ssd_chunked_triton']
+           'ssd_chunked_triton']
 
 # %% ../notebooks/09_ssd_triton.ipynb #275db301
 KERNEL_CONFIG = dict(outer=dict(BK=64, num_warps=4, num_stages=2),
@@ -373,7 +373,7 @@ def chunk_states_fused_bwd(dy, C, dt, a, dfinal, prev, final, doc=None):
 def ssd_forward(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None):
     """Forward: y (b, L, h, P) in x.dtype, final state (b, h, P, N) float32, and what backward can reuse.
     The kernels read B and C with one set of strides: pass them alike (`ssd_chunked_triton` makes both contiguous).
-    seq_idx (b, L) int or None: document ids that never decrease along a row (`document_ids` makes them)."""
+    seq_idx (b, L) int or None: int32 document numbers that never decrease along a row (chapter 03's `document_ids`)."""
     if B.stride() != C.stride():
         raise ValueError(f"B and C must have the same strides, got {B.stride()} and {C.stride()}")
     a = decay_cumsum(dt, A, chunk_size)
@@ -713,18 +713,12 @@ def triton_unsupported_reason(x, B, chunk_size) -> str | None:
     return None
 
 
-def document_ids(seq_idx, x) -> torch.Tensor | None:
-    """seq_idx (b, L) integer labels (a new document wherever the label changes) or None -> (b, L) int32 document
-    numbers 0, 0, 1, 1, 2, ... that never decrease, the form the kernels compare. Checks type, shape and device."""
-    doc = _doc_ids(seq_idx, x.shape[0], x.shape[1], x.device)
-    return None if doc is None else doc.to(torch.int32)
-
-
 def ssd_chunked_triton(x, dt, A, B, C, chunk_size=64, D=None, initial_state=None, check_values=True, seq_idx=None):
     """`ssd_chunked` on the Triton kernels: same inputs, same outputs (y, final_state), differentiable in every input.
     seq_idx (b, L) integers or None: packed documents, the state resets where it changes."""
     check_ssd_inputs(x, dt, A, B, C, D, initial_state, check_values)
-    doc = document_ids(seq_idx, x)
+    doc = document_ids(seq_idx, x.shape[0], x.shape[1], x.device)   # (b, L) int64, or None
+    doc = None if doc is None else doc.to(torch.int32)               # the kernels compare int32 numbers
     reason = triton_unsupported_reason(x, B, chunk_size)
     if reason is not None:
         raise ValueError(f"backend='triton' cannot run this call: {reason}. Use backend='torch' (or 'auto').")

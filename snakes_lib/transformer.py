@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch.utils.checkpoint import checkpoint
 
 from .model import RMSNorm, mamba2_num_parameters   # the one RMSNorm and parameter count (chapter 05)
-from .ssd import _doc_ids                 # packed documents' labels -> document numbers (chapter 03)
+from .ssd import document_ids                 # packed documents' labels -> document numbers (chapter 03)
 
 # %% auto #0
 __all__ = ['TransformerConfig', 'rotary_cos_sin', 'apply_rotary', 'KVCache', 'CausalSelfAttention', 'SwiGLU', 'TransformerBlock',
@@ -94,7 +95,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
-# %% ../notebooks/08_transformer.ipynb #f17d8fcf
+# %% ../notebooks/08_transformer.ipynb #f135cb63
 class KVCache:
     "Keys and values of past tokens, per layer: k[i], v[i] (batch, n_head, capacity, head_dim)."
 
@@ -131,27 +132,6 @@ class KVCache:
         "Bytes of the filled positions only: 2 * n_layer * batch * seqlen_offset * d_model * element size."
         return self.nbytes() * self.seqlen_offset // max(1, self.capacity)
 
-    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
-        """Write k_new, v_new (batch, n_head, L, head_dim) at positions seqlen_offset ... +L-1 of `layer`;
-        return all keys and values so far, (batch, n_head, seqlen_offset+L, head_dim). The model advances
-        seqlen_offset once all layers have been written."""
-        start, end = self.seqlen_offset, self.seqlen_offset + k_new.shape[2]
-        if k_new.shape[0] != self.batch_size:
-            raise ValueError(f"the cache was allocated for batch size {self.batch_size}, got a batch of {k_new.shape[0]}")
-        if end > self.k[layer].shape[2]:
-            if self.max_seqlen is not None:
-                raise ValueError(f"the KV cache holds max_seqlen={self.max_seqlen} positions and {end} are needed: "
-                                 f"allocate it with a larger max_seqlen (or max_seqlen=None to let it grow)")
-            new_cap = max(end, 2 * self.k[layer].shape[2])
-            for buf in (self.k, self.v):
-                old = buf[layer]
-                grown = old.new_zeros(old.shape[0], old.shape[1], new_cap, old.shape[3])
-                grown[:, :, :start] = old[:, :, :start]
-                buf[layer] = grown
-        self.k[layer][:, :, start:end] = k_new
-        self.v[layer][:, :, start:end] = v_new
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
     def reset(self) -> "KVCache":
         "Start a new sequence without reallocating (old entries are overwritten before they are read)."
         self.seqlen_offset = 0
@@ -162,7 +142,30 @@ class KVCache:
         return (f"KVCache(layers={len(self.k)}, batch={self.batch_size}, seqlen_offset={self.seqlen_offset}, "
                 f"capacity={self.capacity}, nbytes={self.nbytes()})")
 
-# %% ../notebooks/08_transformer.ipynb #97695d2b
+# %% ../notebooks/08_transformer.ipynb #ae25c8c2
+@patch
+def update(self: KVCache, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
+    """Write k_new, v_new (batch, n_head, L, head_dim) at positions seqlen_offset ... +L-1 of `layer`;
+    return all keys and values so far, (batch, n_head, seqlen_offset+L, head_dim). The model advances
+    seqlen_offset once all layers have been written."""
+    start, end = self.seqlen_offset, self.seqlen_offset + k_new.shape[2]
+    if k_new.shape[0] != self.batch_size:
+        raise ValueError(f"the cache was allocated for batch size {self.batch_size}, got a batch of {k_new.shape[0]}")
+    if end > self.k[layer].shape[2]:
+        if self.max_seqlen is not None:
+            raise ValueError(f"the KV cache holds max_seqlen={self.max_seqlen} positions and {end} are needed: "
+                             f"allocate it with a larger max_seqlen (or max_seqlen=None to let it grow)")
+        new_cap = max(end, 2 * self.k[layer].shape[2])
+        for buf in (self.k, self.v):
+            old = buf[layer]
+            grown = old.new_zeros(old.shape[0], old.shape[1], new_cap, old.shape[3])
+            grown[:, :, :start] = old[:, :, :start]
+            buf[layer] = grown
+    self.k[layer][:, :, start:end] = k_new
+    self.v[layer][:, :, start:end] = v_new
+    return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+# %% ../notebooks/08_transformer.ipynb #cf291300
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: TransformerConfig, layer_idx: int):
         super().__init__()
@@ -199,21 +202,23 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=kpos[None, :] <= qpos[:, None])
         return self.o_proj(y.transpose(1, 2).reshape(b, L, -1))
 
-    def _attend_static(self, q, k, v, cache: KVCache):
-        """One decoding step against the whole preallocated cache, positions after `cache.position` masked out: fixed
-        shapes and no Python values, so a CUDA graph can replay it. q, k, v: (batch, n_head, 1, head_dim)."""
-        if cache.seqlen_offset >= cache.capacity:
-            raise ValueError(f"the KV cache holds max_seqlen={cache.max_seqlen} positions and all are used: "
-                             "allocate it with a larger max_seqlen")
-        kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
-        kc.index_copy_(2, cache.position.view(1), k.to(kc.dtype))
-        vc.index_copy_(2, cache.position.view(1), v.to(vc.dtype))
-        cd = torch.float64 if q.dtype == torch.float64 else torch.float32
-        scores = torch.matmul(q, kc.to(q.dtype).transpose(-1, -2)).to(cd) * self.head_dim ** -0.5
-        scores = scores.masked_fill(torch.arange(kc.shape[2], device=q.device) > cache.position, float("-inf"))
-        return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), vc.to(v.dtype))
+# %% ../notebooks/08_transformer.ipynb #90e14a0f
+@patch
+def _attend_static(self: CausalSelfAttention, q, k, v, cache: KVCache):
+    """One decoding step against the whole preallocated cache, positions after `cache.position` masked out: fixed
+    shapes and no Python values, so a CUDA graph can replay it. q, k, v: (batch, n_head, 1, head_dim)."""
+    if cache.seqlen_offset >= cache.capacity:
+        raise ValueError(f"the KV cache holds max_seqlen={cache.max_seqlen} positions and all are used: "
+                         "allocate it with a larger max_seqlen")
+    kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
+    kc.index_copy_(2, cache.position.view(1), k.to(kc.dtype))
+    vc.index_copy_(2, cache.position.view(1), v.to(vc.dtype))
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(q, kc.to(q.dtype).transpose(-1, -2)).to(cd) * self.head_dim ** -0.5
+    scores = scores.masked_fill(torch.arange(kc.shape[2], device=q.device) > cache.position, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), vc.to(v.dtype))
 
-
+# %% ../notebooks/08_transformer.ipynb #ae1f2fc5
 class SwiGLU(nn.Module):
     "down(silu(gate(x)) * up(x))."
 
@@ -242,7 +247,7 @@ class TransformerBlock(nn.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, doc_mask)
         return x + self.mlp(self.mlp_norm(x))
 
-# %% ../notebooks/08_transformer.ipynb #2fa9c3a4
+# %% ../notebooks/08_transformer.ipynb #a6181ff6
 class TransformerBackbone(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -279,106 +284,119 @@ class TransformerLM(nn.Module):
                 s = std / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
                 nn.init.normal_(p, mean=0.0, std=s)
 
-    # --- the shared LM interface ---
-    def _check_ids(self, input_ids):
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32) or input_ids.dim() != 2:
-            raise TypeError(f"input_ids must be an int64 tensor (batch, seqlen), got {type(input_ids).__name__} "
-                            f"{getattr(input_ids, 'dtype', '')} {tuple(getattr(input_ids, 'shape', ()))}")
-        if input_ids.is_cuda and torch.cuda.is_current_stream_capturing():
-            return                                       # no read-backs while a CUDA graph is recorded (chapter 10b)
-        if input_ids.numel() and (int(input_ids.max()) >= self.config.padded_vocab_size or int(input_ids.min()) < 0):
-            raise ValueError(f"token ids must lie in [0, {self.config.padded_vocab_size}); got min "
-                             f"{int(input_ids.min())}, max {int(input_ids.max())} — wrong tokenizer for this model?")
+# %% ../notebooks/08_transformer.ipynb #18c01f79
+@patch
+def _check_ids(self: TransformerLM, input_ids):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32) or input_ids.dim() != 2:
+        raise TypeError(f"input_ids must be an int64 tensor (batch, seqlen), got {type(input_ids).__name__} "
+                        f"{getattr(input_ids, 'dtype', '')} {tuple(getattr(input_ids, 'shape', ()))}")
+    if input_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+        return                                       # no read-backs while a CUDA graph is recorded (chapter 10b)
+    if input_ids.numel() and (int(input_ids.max()) >= self.config.padded_vocab_size or int(input_ids.min()) < 0):
+        raise ValueError(f"token ids must lie in [0, {self.config.padded_vocab_size}); got min "
+                         f"{int(input_ids.min())}, max {int(input_ids.max())} — wrong tokenizer for this model?")
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None, seq_idx=None) -> torch.Tensor:
-        """input_ids: (batch, seqlen) int64 -> (batch, seqlen, d_model) after the final norm. seq_idx (batch, seqlen)
-        integers or None: packed documents; a token attends only to earlier tokens of its own document."""
-        self._check_ids(input_ids)
-        doc_mask = None
-        if seq_idx is not None:
-            if cache is not None:
-                raise ValueError("seq_idx (packed documents) is for training and scoring whole windows, not with a cache")
-            doc = _doc_ids(seq_idx, *input_ids.shape, input_ids.device)
-            causal = torch.ones(input_ids.shape[1], input_ids.shape[1], dtype=torch.bool, device=input_ids.device).tril()
-            doc_mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]      # (batch, 1, seqlen, seqlen)
-        x = self.backbone.embedding(input_ids)
-        L = input_ids.shape[1]
-        offset = 0 if cache is None else cache.seqlen_offset
-        if cache is not None and cache.static and L == 1 and offset > 0:
-            offset = cache.position                      # the static decoding step: no Python position in it
-        cos, sin = rotary_cos_sin(offset, L, self.config.head_dim, self.config.rope_theta, x.device, x.dtype)
-        for layer in self.backbone.layers:
-            if self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, None, doc_mask, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, cache, doc_mask)
+
+@patch
+def hidden_states(self: TransformerLM, input_ids: torch.Tensor, cache: KVCache | None = None, seq_idx=None) -> torch.Tensor:
+    """input_ids: (batch, seqlen) int64 -> (batch, seqlen, d_model) after the final norm. seq_idx (batch, seqlen)
+    integers or None: packed documents; a token attends only to earlier tokens of its own document."""
+    self._check_ids(input_ids)
+    doc_mask = None
+    if seq_idx is not None:
         if cache is not None:
-            cache.seqlen_offset += L
-            cache.position += L
-        return self.backbone.norm_f(x)
+            raise ValueError("seq_idx (packed documents) is for training and scoring whole windows, not with a cache")
+        doc = document_ids(seq_idx, *input_ids.shape, input_ids.device)
+        causal = torch.ones(input_ids.shape[1], input_ids.shape[1], dtype=torch.bool, device=input_ids.device).tril()
+        doc_mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]      # (batch, 1, seqlen, seqlen)
+    x = self.backbone.embedding(input_ids)
+    L = input_ids.shape[1]
+    offset = 0 if cache is None else cache.seqlen_offset
+    if cache is not None and cache.static and L == 1 and offset > 0:
+        offset = cache.position                      # the static decoding step: no Python position in it
+    cos, sin = rotary_cos_sin(offset, L, self.config.head_dim, self.config.rope_theta, x.device, x.dtype)
+    for layer in self.backbone.layers:
+        if self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+            x = checkpoint(layer, x, cos, sin, None, doc_mask, use_reentrant=False)
+        else:
+            x = layer(x, cos, sin, cache, doc_mask)
+    if cache is not None:
+        cache.seqlen_offset += L
+        cache.position += L
+    return self.backbone.norm_f(x)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, seq_idx=None) -> torch.Tensor:
-        """input_ids: (batch, seqlen) -> logits (batch, seqlen, vocab_size). With a cache, the tokens continue
-        the cached sequence (prefill, or chunked prefill over several calls) and the cache is updated. seq_idx
-        (batch, seqlen) integers: packed documents, each attending only within itself (rotary positions are relative,
-        so each document is scored as if it were alone)."""
-        return self.lm_head(self.hidden_states(input_ids, cache, seq_idx))[..., : self.config.vocab_size]
 
-    def allocate_inference_cache(self, batch_size: int, dtype=None, device=None, max_seqlen: int | None = None) -> KVCache:
-        "An empty KV cache; preallocated for max_seqlen positions, or growing (doubling) when max_seqlen is None."
-        p = self.lm_head.weight
-        c = self.config
-        return KVCache(c.n_layer, batch_size, c.n_head, c.head_dim, dtype=dtype or p.dtype,
-                       device=device or p.device, max_seqlen=max_seqlen)
+@patch
+def forward(self: TransformerLM, input_ids: torch.Tensor, cache: KVCache | None = None, seq_idx=None) -> torch.Tensor:
+    """input_ids: (batch, seqlen) -> logits (batch, seqlen, vocab_size). With a cache, the tokens continue
+    the cached sequence (prefill, or chunked prefill over several calls) and the cache is updated. seq_idx
+    (batch, seqlen) integers: packed documents, each attending only within itself (rotary positions are relative,
+    so each document is scored as if it were alone)."""
+    return self.lm_head(self.hidden_states(input_ids, cache, seq_idx))[..., : self.config.vocab_size]
 
-    def step(self, token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        "token_ids: (batch,) or (batch, 1) -> logits (batch, vocab_size); advances the cache by one token."
-        return self.forward(token_ids.reshape(-1, 1), cache=cache)[:, -1]
+# %% ../notebooks/08_transformer.ipynb #f2e13ce1
+@patch
+def allocate_inference_cache(self: TransformerLM, batch_size: int, dtype=None, device=None, max_seqlen: int | None = None) -> KVCache:
+    "An empty KV cache; preallocated for max_seqlen positions, or growing (doubling) when max_seqlen is None."
+    p = self.lm_head.weight
+    c = self.config
+    return KVCache(c.n_layer, batch_size, c.n_head, c.head_dim, dtype=dtype or p.dtype,
+                   device=device or p.device, max_seqlen=max_seqlen)
 
-    def num_parameters(self, exclude_embedding: bool = False) -> int:
-        "Number of (unique) parameters; exclude_embedding drops the token embedding (and an untied lm_head)."
-        seen, n = set(), 0
-        for p in self.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                n += p.numel()
-        if exclude_embedding:
-            n -= self.backbone.embedding.weight.numel()
-            if self.lm_head.weight is not self.backbone.embedding.weight:
-                n -= self.lm_head.weight.numel()
-        return n
 
-    # --- saving and loading: config.json + model.safetensors, as Mamba2LM ---
-    def save_pretrained(self, directory) -> Path:
-        from safetensors.torch import save_file
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if self.config.tie_embeddings:
-            state.pop("lm_head.weight", None)  # the same tensor as the embedding; safetensors refuses shared storage
-        (directory / "config.json").write_text(self.config.to_json())
-        tmp = directory / "model.safetensors.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt", "model_type": "transformer"})
-        tmp.replace(directory / "model.safetensors")
-        return directory
+@patch
+def step(self: TransformerLM, token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    "token_ids: (batch,) or (batch, 1) -> logits (batch, vocab_size); advances the cache by one token."
+    return self.forward(token_ids.reshape(-1, 1), cache=cache)[:, -1]
 
-    @classmethod
-    def from_pretrained(cls, directory, dtype=None, device=None) -> "TransformerLM":
-        from safetensors.torch import load_file
-        directory = Path(directory)
-        cfg_path, w_path = directory / "config.json", directory / "model.safetensors"
-        for p in (cfg_path, w_path):
-            if not p.exists():
-                raise FileNotFoundError(f"{p} not found: a saved TransformerLM directory holds config.json and model.safetensors")
-        config = TransformerConfig.from_dict(json.loads(cfg_path.read_text()))
-        model = cls(config)
-        state = load_file(str(w_path))
-        if config.tie_embeddings:
-            state.setdefault("lm_head.weight", state["backbone.embedding.weight"])
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{w_path}: missing weights {missing}, unexpected weights {unexpected}")
-        return model.to(device=device, dtype=dtype) if (device or dtype) else model
+
+@patch
+def num_parameters(self: TransformerLM, exclude_embedding: bool = False) -> int:
+    "Number of (unique) parameters; exclude_embedding drops the token embedding (and an untied lm_head)."
+    seen, n = set(), 0
+    for p in self.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    if exclude_embedding:
+        n -= self.backbone.embedding.weight.numel()
+        if self.lm_head.weight is not self.backbone.embedding.weight:
+            n -= self.lm_head.weight.numel()
+    return n
+
+# %% ../notebooks/08_transformer.ipynb #303f9886
+@patch
+def save_pretrained(self: TransformerLM, directory) -> Path:
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+    if self.config.tie_embeddings:
+        state.pop("lm_head.weight", None)  # the same tensor as the embedding; safetensors refuses shared storage
+    (directory / "config.json").write_text(self.config.to_json())
+    tmp = directory / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt", "model_type": "transformer"})
+    tmp.replace(directory / "model.safetensors")
+    return directory
+
+
+@patch(cls_method=True)
+def from_pretrained(cls: TransformerLM, directory, dtype=None, device=None) -> "TransformerLM":
+    from safetensors.torch import load_file
+    directory = Path(directory)
+    cfg_path, w_path = directory / "config.json", directory / "model.safetensors"
+    for p in (cfg_path, w_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} not found: a saved TransformerLM directory holds config.json and model.safetensors")
+    config = TransformerConfig.from_dict(json.loads(cfg_path.read_text()))
+    model = cls(config)
+    state = load_file(str(w_path))
+    if config.tie_embeddings:
+        state.setdefault("lm_head.weight", state["backbone.embedding.weight"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{w_path}: missing weights {missing}, unexpected weights {unexpected}")
+    return model.to(device=device, dtype=dtype) if (device or dtype) else model
 
 # %% ../notebooks/08_transformer.ipynb #6d89331c
 def transformer_num_parameters(config: TransformerConfig, exclude_embedding: bool = True) -> int:

@@ -1,4 +1,4 @@
-"""snakes_lib.documents (chapter 04c): messy folders read as documents, bad files reported, hub datasets offline."""
+"""snakes_lib.documents (chapter 04d): messy folders read as documents, bad files reported, hub datasets offline."""
 import os
 import socket
 import subprocess

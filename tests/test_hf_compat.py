@@ -8,8 +8,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
-from snakes_lib.model import (Mamba2Config, Mamba2LM, hf_to_snakes_state_dict, load_model,  # noqa: E402
-                              snakes_to_hf_state_dict)
+from snakes_lib.interop import hf_to_snakes_state_dict, snakes_to_hf_state_dict  # noqa: E402
+from snakes_lib.model import Mamba2Config, Mamba2LM, load_model  # noqa: E402
 
 
 def rel(a, b):

@@ -343,3 +343,23 @@ def test_export_on_a_full_disk_says_so(tmp_path, run, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "no space left on the disk" in err and "was not changed" in err and "Traceback" not in err
     assert not (tmp_path / "m").exists()
+
+
+def test_model_module_alone_saves_and_loads(tmp_path):
+    """`from snakes_lib.model import Mamba2LM` is enough for save_pretrained / from_pretrained: the file code lives in
+    snakes_lib.interop, which imports the model module, so the model imports it only when a method is called."""
+    import subprocess
+    import sys
+    code = (
+        "import sys, torch\n"
+        "from snakes_lib.model import Mamba2Config, Mamba2LM\n"
+        "assert 'snakes_lib.interop' not in sys.modules\n"
+        "m = Mamba2LM(Mamba2Config(d_model=32, n_layer=1, vocab_size=50, d_state=8, headdim=16)).eval()\n"
+        f"m.save_pretrained({str(tmp_path)!r})\n"
+        f"m2 = Mamba2LM.from_pretrained({str(tmp_path)!r})\n"
+        "ids = torch.randint(0, 50, (2, 7))\n"
+        "assert torch.equal(m(ids), m2(ids))\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]

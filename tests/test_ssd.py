@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st, HealthCheck
 
-from snakes_lib.ssd import (check_ssd_inputs, segsum, semiseparable_matrix, ssd_chunked, ssd_minimal, ssd_quadratic,
-                            ssd_recurrent, ssd_step)
+from snakes_lib.ssd import (check_ssd_inputs, document_ids, segsum, semiseparable_matrix, ssd_chunked, ssd_minimal,
+                            ssd_quadratic, ssd_recurrent, ssd_step)
 
 
 def make_inputs(batch=2, seqlen=37, nheads=4, headdim=8, ngroups=2, dstate=16, dtype=torch.float64, seed=0, dt_scale=1.0):
@@ -424,6 +424,24 @@ def test_bad_seq_idx(seq_idx, pattern):
     for fn in (ssd_recurrent, ssd_quadratic, ssd_chunked):
         with pytest.raises(ValueError, match=pattern):
             fn(**good(), seq_idx=seq_idx)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_document_ids_count_label_changes(seed):
+    g = torch.Generator().manual_seed(seed)
+    batch, seqlen = 3, int(torch.randint(1, 40, (1,), generator=g))
+    seq_idx = torch.randint(-2, 3, (batch, seqlen), generator=g)          # any integers; a change starts a document
+    doc = document_ids(seq_idx, batch, seqlen, "cpu")
+    assert doc.shape == (batch, seqlen) and doc.dtype == torch.int64
+    for r in range(batch):                                                  # the plain loop
+        want, n = [], 0
+        for t in range(seqlen):
+            n += t > 0 and int(seq_idx[r, t]) != int(seq_idx[r, t - 1])
+            want.append(n)
+        assert doc[r].tolist() == want
+    assert document_ids(None, batch, seqlen, "cpu") is None
+    with pytest.raises(ValueError, match=r"seq_idx must be \(batch, seqlen\)"):
+        document_ids(seq_idx, batch, seqlen + 1, "cpu")
 
 
 def test_seq_idx_backends():

@@ -8,7 +8,7 @@ import torch
 triton = pytest.importorskip("triton", reason="the Triton kernels need the triton package (pip install triton)")
 
 from snakes_lib import ssd_triton as T  # noqa: E402
-from snakes_lib.ssd import ssd_chunked, ssd_recurrent  # noqa: E402
+from snakes_lib.ssd import document_ids, ssd_chunked, ssd_recurrent  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("x", "dt", "A", "B", "C", "D", "initial_state")
@@ -264,10 +264,15 @@ def test_seq_idx_packed_row_equals_its_documents_one_by_one():
         assert rel(final[row:row + 1], s_doc) < 1e-5, row         # the final state is the last document's
 
 
+def kernel_doc(seq_idx, x):
+    "The int32 document numbers the kernels take, as ssd_chunked_triton makes them from seq_idx (b, L)."
+    return document_ids(seq_idx, x.shape[0], x.shape[1], x.device).to(torch.int32)
+
+
 def test_seq_idx_fused_and_unfused_state_kernels_agree(monkeypatch):
     ins = make(2, 37, 2, 16, 1, 16)
-    doc = T.document_ids(packed_seq_idx([[16, 1, 20], [7, 30]]), ins[0])
-    assert doc.dtype == torch.int32 and doc[0].tolist() == [0] * 16 + [1] + [2] * 20
+    doc = kernel_doc(packed_seq_idx([[16, 1, 20], [7, 30]]), ins[0])
+    assert doc[0].tolist() == [0] * 16 + [1] + [2] * 20
     dy, dfinal = torch.randn(2, 37, 2, 16, device=DEVICE), torch.randn(2, 2, 16, 16, device=DEVICE)
     out = {}
     for fuse in (True, False):
@@ -284,7 +289,7 @@ def test_seq_idx_op_passes_opcheck_and_dispatches():
     x, dt, A, B, C, D, h0 = make(2, 19, 2, 16, 1, 16, seed=7)
     seq_idx = packed_seq_idx([[16, 3], [2, 17]])
     torch.library.opcheck(torch.ops.snakes.ssd_chunked_triton_fwd.default,
-                          (x, dt, A, B, C, D, h0, 16, T.document_ids(seq_idx, x)))
+                          (x, dt, A, B, C, D, h0, 16, kernel_doc(seq_idx, x)))
     y_torch, _ = ssd_chunked(x, dt, A, B, C, 16, D, h0, backend="torch", seq_idx=seq_idx)
     y_triton, _ = ssd_chunked(x, dt, A, B, C, 16, D, h0, backend="triton", seq_idx=seq_idx)
     assert rel(y_triton, y_torch) < 1e-5
