@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, asdict, fields
 from typing import Any, Optional
 
 import torch
+from fastcore.basics import patch
 
 from .model import mamba2_num_parameters
 from .utils import pick_device
@@ -147,9 +148,11 @@ class TrainConfig(_DictRoundTrip):
     resume: bool = False
     progress: bool = True
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.seq_len
+# %% ../notebooks/06a_presets.ipynb #776e7e86
+@patch(as_prop=True)
+def tokens_per_step(self: TrainConfig) -> int:
+    "Tokens in one optimizer step of one process: batch_size x grad_accum x seq_len."
+    return self.batch_size * self.grad_accum * self.seq_len
 
 # %% ../notebooks/06a_presets.ipynb #a1c0e5d2
 SCHEDULES = ("cosine", "wsd")

@@ -96,17 +96,23 @@ class SnakesTokenizer:
         "The token's string in the byte-level alphabet (e.g. 'Ġthe' for ' the')."
         return self._tok.id_to_token(int(i))
 
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+# %% ../notebooks/04c_tokenizer.ipynb #b7121495
+@patch(as_prop=True)
+def vocab_size(self: SnakesTokenizer) -> int:
+    "All token ids: the 256 bytes, the merges and the 2 special tokens."
+    return self._tok.get_vocab_size(with_added_tokens=True)
 
-    @property
-    def eos_id(self) -> int:
-        return self._tok.token_to_id(EOS_TOKEN)
 
-    @property
-    def pad_id(self) -> int:
-        return self._tok.token_to_id(PAD_TOKEN)
+@patch(as_prop=True)
+def eos_id(self: SnakesTokenizer) -> int:
+    "The id of <|endoftext|> (0)."
+    return self._tok.token_to_id(EOS_TOKEN)
+
+
+@patch(as_prop=True)
+def pad_id(self: SnakesTokenizer) -> int:
+    "The id of <|pad|> (1)."
+    return self._tok.token_to_id(PAD_TOKEN)
 
 # %% ../notebooks/04c_tokenizer.ipynb #e1d8a45a
 @patch(cls_method=True)
