@@ -1,6 +1,7 @@
 """Render the README's benchmark tables from the JSON files the benchmarks write (benchmarks/results/*.json).
 
-    python benchmarks/report.py            # prints markdown; numbers come only from the stored results
+    python benchmarks/report.py                  # prints markdown; numbers come only from the stored results
+    python benchmarks/report.py --write-readme   # puts it into README.md between the report markers
 
 Each table names the device and torch version it was measured with. Rerun a benchmark to refresh its file."""
 from __future__ import annotations
@@ -211,6 +212,23 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def other_shapes_line(s: dict, goal_shape, min_speedup: float, goal_shapes) -> str:
+    "The goals at the other goal shapes: ahead of the official kernel (at least within 1.5x of it), and >= 10x PyTorch."
+    parts = []
+    for r in s["per_shape"]:
+        shape = (r["batch"], r["seqlen"])
+        if shape == tuple(goal_shape) or shape not in {tuple(g) for g in goal_shapes} or r["vs_official_fb"] is None:
+            continue
+        ahead = r["vs_official_fwd"] >= 1 and r["vs_official_fb"] >= 1
+        within = r["vs_official_fwd"] >= 1 / 1.5 and r["vs_official_fb"] >= 1 / 1.5
+        torch_ok = r["vs_torch_fb"] is not None and r["vs_torch_fb"] >= min_speedup
+        parts.append(f"{r['batch']} x {r['seqlen']:,}: official / snakes_triton {r['vs_official_fwd']:.2f}x forward, "
+                     f"{r['vs_official_fb']:.2f}x forward+backward ({'ahead ✓' if ahead else 'within 1.5x ✓' if within else 'behind by more than 1.5x ✗'}), "
+                     f"PyTorch path / snakes_triton {_x(r['vs_torch_fb'])} forward+backward ({'✓' if torch_ok else f'under {min_speedup:g}x ✗'})")
+    return "At the other goal shapes (goal: ahead of the official kernel, at least within 1.5x of it, and >= " \
+           f"{min_speedup:g}x faster than the PyTorch path): " + "; ".join(parts) + "."
+
+
 def kernels_table(k: dict) -> str:
     "The kernels section as README markdown: goals, the goal shapes, the sweep against attention, correctness."
     c, s = k["config"], k.get("summary") or kernels_summary(k)
@@ -227,6 +245,7 @@ def kernels_table(k: dict) -> str:
            f"(measured {'-' if ch['peak_gib']['value'] is None else format(ch['peak_gib']['value'], '.3f') + ' GiB'}"
            f"{mark(ch['peak_gib']['ok'])}), >= {c['goals']['speedup_vs_torch']:g}x faster than the PyTorch path "
            f"(snakes_torch, forward+backward: {_x(ch['speedup_vs_torch_fb']['value'])}{mark(ch['speedup_vs_torch_fb']['ok'])}).",
+           "", other_shapes_line(s, (gb, gL), c["goals"]["speedup_vs_torch"], c["goal_shapes"]),
            "", "| batch x seqlen | implementation | forward | forward, CUDA graph | forward+backward | peak (f+b) | "
            "snakes_torch / this (f+b) | official / this (fwd, f+b) |", "|---|---|---|---|---|---|---|---|"]
     goal_shapes = [tuple(x) for x in c["goal_shapes"]]
@@ -370,23 +389,98 @@ def fast_model_goals(train: dict, decode: dict) -> str:
     return " ".join(out)
 
 
-def main() -> int:
-    sections = [("ssd_cpu.json", ssd_table), ("ssd_cuda.json", ssd_table), ("memory_cuda.json", memory_table),
-                ("decode_cpu.json", decode_table), ("decode_cuda.json", decode_table),
-                ("compare_cpu.json", compare_table), ("compare_cuda.json", compare_table),
-                ("train_step_cuda.json", train_step_table), ("decode_fast_cuda.json", decode_fast_table)]
-    train, decode = load("train_step_cuda.json"), load("decode_fast_cuda.json")
-    if train and decode:
-        print(fast_model_goals(train, decode) + "\n")
-    for name, render in sections:
+def seq_idx_table(d: dict) -> str:
+    "benchmarks/ssd.py --seq-idx: the Triton SSD with packed documents (seq_idx) against the same call without."
+    cfg = d["config"]
+    out = [f"**Packed documents in the Triton SSD on {d['device']}** (torch {d['torch']}; {cfg['dtype']}, "
+           f"{cfg['nheads']} heads x headdim {cfg['headdim']}, dstate {cfg['dstate']}, chunk {cfg['chunk_size']}; "
+           "`seq_idx` resets the state at each new document)", "",
+           "| batch x seqlen | documents (mean length) | forward | forward+backward | vs no seq_idx (fwd, f+b) | peak (f+b) |",
+           "|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        docs = "one per row" if r["mean_doc_len"] is None else f"{r['documents']:,} (~{r['mean_doc_len']:,} tokens)"
+        out.append(f"| {r['batch']} x {r['seqlen']:,} | {docs} | {r['fwd_ms']:.3f} ms | {r['fb_ms']:.3f} ms | "
+                   f"{r['fwd_vs_none']:.2f}x, {r['fb_vs_none']:.2f}x | {r['peak_gib']:.3f} GiB |")
+    worst = {c["dtype"]: max(c["errors"].values()) for c in d.get("correctness", [])}
+    if worst:
+        out += ["", "Largest relative error of y and every gradient against float64 PyTorch with the same seq_idx: "
+                + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()) + "."]
+    return "\n".join(out)
+
+
+def distributed_table(d: dict) -> str:
+    "benchmarks/distributed.py: tokens/s and peak memory per GPU on 1 and 2 GPUs, DDP and FSDP, same global batch."
+    out = [f"**Data-parallel training on {' + '.join(d['devices'])}** (torch {d['torch']}; bf16 autocast, the presets' "
+           "memory savers; one optimizer step = the same global batch on every GPU count; torchrun, NCCL)", "",
+           "| model | GPUs | mode | per-GPU batch x accumulation x GPUs | tokens/s | speed-up | peak GiB per GPU |",
+           "|---|---|---|---|---|---|---|"]
+    one = {r["size"]: r["tokens_per_s"] for r in d["rows"] if r.get("gpus") == 1 and "tokens_per_s" in r}
+    for r in d["rows"]:
+        if "tokens_per_s" not in r:
+            out.append(f"| {r['size']} | {r['gpus']} | {r['parallel']} | failed: {r.get('error')} | | | |")
+            continue
+        up = r["tokens_per_s"] / one[r["size"]] if r["size"] in one else None
+        out.append(f"| {r['size']} ({r['params_m']:.0f}M, L {r['seq_len']:,}) | {r['gpus']} | "
+                   f"{r['parallel'] if r['gpus'] > 1 else '-'} | {r['per_rank_batch']} x {r['accumulation']} x {r['gpus']}"
+                   f" = {r['global_batch']} | {r['tokens_per_s']:,.0f} | {'-' if up is None else f'{up:.2f}x'} | "
+                   f"{max(r['peak_gib_per_gpu']):.2f} |")
+    return "\n".join(out)
+
+
+FAST_MODEL_INTRO = ("The fast model (chapters 10, 10b and 10c), measured side by side in one run on the H200, against "
+                    "issue 11's goals (computed by `report.py` from the two tables below): ")
+
+
+def sections() -> list[str]:
+    "The README's benchmark block, in reading order; numbers only from benchmarks/results/*.json."
+    out = []
+    for name in ("ssd_cpu.json", "ssd_cuda.json"):
         d = load(name)
         if d is None:
-            print(f"_{name}: not measured yet_\n")
+            out.append(f"_{name}: not measured yet_")
             continue
-        if "results" in d or render is not ssd_table:  # a file holding only the kernels section has no sweep
-            print(render(d) + "\n")
-        if render is ssd_table and "kernels" in d:
-            print(kernels_table(d["kernels"]) + "\n")
+        if "results" in d:
+            out.append(ssd_table(d))
+        if "kernels" in d:
+            out.append(kernels_table(d["kernels"]))
+        if "seq_idx" in d:
+            out.append(seq_idx_table(d["seq_idx"]))
+    train, decode = load("train_step_cuda.json"), load("decode_fast_cuda.json")
+    if train and decode:
+        out.append(FAST_MODEL_INTRO + fast_model_goals(train, decode))
+    for name, render in [("train_step_cuda.json", train_step_table), ("decode_fast_cuda.json", decode_fast_table),
+                         ("distributed_cuda.json", distributed_table), ("memory_cuda.json", memory_table),
+                         ("decode_cpu.json", decode_table), ("decode_cuda.json", decode_table),
+                         ("compare_cpu.json", compare_table), ("compare_cuda.json", compare_table)]:
+        d = load(name)
+        out.append(f"_{name}: not measured yet_" if d is None else render(d))
+    return out
+
+
+BEGIN, END = "<!-- report.py: begin -->", "<!-- report.py: end -->"
+
+
+def write_readme(readme: Path) -> None:
+    "Replace the text between the BEGIN and END markers of the README with sections()."
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme} has no {BEGIN} ... {END} block to replace")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    body = "\n\n".join(sections())
+    readme.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}")
+    print(f"rewrote the benchmark block of {readme}")
+
+
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--write-readme", action="store_true", help="rewrite the README's block between the report markers")
+    args = p.parse_args(argv)
+    if args.write_readme:
+        write_readme(RESULTS.parents[1] / "README.md")
+    else:
+        print("\n\n".join(sections()))
     return 0
 
 

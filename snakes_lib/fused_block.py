@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .ssd import document_ids
+from .ssd_triton import eager_autograd
 
 # %% auto #0
 __all__ = ['CONV_CONFIG', 'gated_rmsnorm_fwd', 'gated_rmsnorm_bwd', 'causal_conv_fwd', 'causal_conv_bwd', 'gated_rmsnorm',
@@ -275,10 +276,12 @@ def causal_conv_bwd(do, x, weight, bias, silu: bool = True, seq_idx=None):
     return dx, shares[:K].t().contiguous(), shares[K].clone()   # separate tensors: an op's outputs may not alias
 
 # %% ../notebooks/10_fused_block.ipynb #5a221d46
-@torch.library.custom_op("snakes::gated_rmsnorm_fwd", mutates_args=())
-def _norm_fwd_op(y: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, group_size: int, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _norm_fwd(y: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, group_size: int, eps: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     return gated_rmsnorm_fwd(y, z, weight, group_size, eps)
+
+
+_norm_fwd_op = torch.library.custom_op("snakes::gated_rmsnorm_fwd", _norm_fwd, mutates_args=())
 
 
 @_norm_fwd_op.register_fake
@@ -287,11 +290,13 @@ def _(y, z, weight, group_size, eps):
     return y.new_empty(y.shape), y.new_empty(rows, y.shape[-1] // group_size, dtype=torch.float32)
 
 
-@torch.library.custom_op("snakes::gated_rmsnorm_bwd", mutates_args=())
-def _norm_bwd_op(do: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, rstd: torch.Tensor,
-                 group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _norm_bwd(do: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, rstd: torch.Tensor,
+              group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dy, dz, dw = gated_rmsnorm_bwd(do, y, z, weight, rstd, group_size)
     return dy, (y.new_empty(0) if dz is None else dz), dw     # an op returns tensors: an empty one stands for "no z"
+
+
+_norm_bwd_op = torch.library.custom_op("snakes::gated_rmsnorm_bwd", _norm_bwd, mutates_args=())
 
 
 @_norm_bwd_op.register_fake
@@ -306,29 +311,33 @@ def _norm_setup(ctx, inputs, output):
     ctx.group_size = group_size
 
 
-def _norm_backward(ctx, do, _drstd):
+def _norm_backward(ctx, do, _drstd, bwd=_norm_bwd_op):
     y, z, weight, rstd = ctx.saved_tensors
-    dy, dz, dw = _norm_bwd_op(do, y, z, weight, rstd, ctx.group_size)
+    dy, dz, dw = bwd(do, y, z, weight, rstd, ctx.group_size)
     return dy, (dz if z is not None else None), dw.to(weight.dtype), None, None
 
 
 _norm_fwd_op.register_autograd(_norm_backward, setup_context=_norm_setup)
+_norm_call = eager_autograd(_norm_fwd_op, _norm_fwd, _norm_setup,     # chapter 09: the op under torch.compile only
+                            lambda ctx, do, drstd: _norm_backward(ctx, do, drstd, bwd=_norm_bwd))
 
 
 def gated_rmsnorm(y, z, weight, group_size: int, eps: float = 1e-5):
     "rmsnorm(y * silu(z)) * weight per group of `group_size` channels, as chapter 05's GatedRMSNorm. y, z (..., D)."
-    return _norm_fwd_op(y, z, weight, group_size, eps)[0]
+    return _norm_call(y, z, weight, group_size, eps)[0]
 
 
 def rmsnorm(x, weight, eps: float = 1e-5):
     "rmsnorm(x) * weight over the last dim, as chapter 05's RMSNorm (the same kernels with the gate off). x (..., D)."
-    return _norm_fwd_op(x, None, weight, x.shape[-1], eps)[0]
+    return _norm_call(x, None, weight, x.shape[-1], eps)[0]
 
 # %% ../notebooks/10_fused_block.ipynb #d4902a2d
-@torch.library.custom_op("snakes::causal_conv1d_silu_fwd", mutates_args=())
-def _conv_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, seq_idx: torch.Tensor | None
-                 ) -> torch.Tensor:
+def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, seq_idx: torch.Tensor | None
+              ) -> torch.Tensor:
     return causal_conv_fwd(x, weight, bias, seq_idx=seq_idx)
+
+
+_conv_fwd_op = torch.library.custom_op("snakes::causal_conv1d_silu_fwd", _conv_fwd, mutates_args=())
 
 
 @_conv_fwd_op.register_fake
@@ -336,10 +345,12 @@ def _(x, weight, bias, seq_idx):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("snakes::causal_conv1d_silu_bwd", mutates_args=())
-def _conv_bwd_op(do: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                 seq_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _conv_bwd(do: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+              seq_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return causal_conv_bwd(do, x, weight, bias, seq_idx=seq_idx)
+
+
+_conv_bwd_op = torch.library.custom_op("snakes::causal_conv1d_silu_bwd", _conv_bwd, mutates_args=())
 
 
 @_conv_bwd_op.register_fake
@@ -352,19 +363,21 @@ def _conv_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _conv_backward(ctx, do):
+def _conv_backward(ctx, do, bwd=_conv_bwd_op):
     x, weight, bias, seq_idx = ctx.saved_tensors
-    dx, dw, db = _conv_bwd_op(do, x, weight, bias, seq_idx)
+    dx, dw, db = bwd(do, x, weight, bias, seq_idx)
     return dx, dw.to(weight.dtype), db.to(bias.dtype), None
 
 
 _conv_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup)
+_conv_call = eager_autograd(_conv_fwd_op, _conv_fwd, _conv_setup,
+                            lambda ctx, do: _conv_backward(ctx, do, bwd=_conv_bwd))
 
 
 def causal_conv1d_silu(x, weight, bias, seq_idx=None):
     """silu(causal depthwise conv1d): x (b, L, C), weight (C, K), bias (C,) -> (b, L, C); x = 0 before the start.
     seq_idx (b, L) integers or None: packed documents; a tap never reads across a change of label."""
-    return _conv_fwd_op(x, weight.contiguous(), bias, seq_idx)
+    return _conv_call(x, weight.contiguous(), bias, seq_idx)
 
 # %% ../notebooks/10_fused_block.ipynb #b26132a9
 def fused_unsupported_reason(t: torch.Tensor, group_size: int | None = None) -> str | None:

@@ -18,8 +18,8 @@ from .ssd import check_ssd_inputs, document_ids
 
 # %% auto #0
 __all__ = ['KERNEL_CONFIG', 'decay_cumsum', 'chunk_outer', 'state_passing', 'chunk_scan', 'chunk_states_fused',
-           'chunk_states_fused_bwd', 'ssd_forward', 'state_passing_bwd', 'ssd_backward', 'triton_unsupported_reason',
-           'ssd_chunked_triton']
+           'chunk_states_fused_bwd', 'ssd_forward', 'state_passing_bwd', 'ssd_backward', 'eager_autograd',
+           'triton_unsupported_reason', 'ssd_chunked_triton']
 
 # %% ../notebooks/09_ssd_triton.ipynb #275db301
 KERNEL_CONFIG = dict(outer=dict(BK=64, num_warps=4, num_stages=2),
@@ -650,12 +650,14 @@ def ssd_backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size, seq_i
             None if D is None else dD.to(D.dtype), None if initial_state is None else dinit.to(initial_state.dtype))
 
 # %% ../notebooks/09_ssd_triton.ipynb #8b178fb4
-@torch.library.custom_op("snakes::ssd_chunked_triton_fwd", mutates_args=())
-def _ssd_fwd_op(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+def _ssd_fwd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                 D: torch.Tensor | None, initial_state: torch.Tensor | None, chunk_size: int,
                 seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     y, final, _, _ = ssd_forward(x, dt, A, B, C, chunk_size, D, initial_state, seq_idx)
     return y, final.to(x.dtype)
+
+
+_ssd_fwd_op = torch.library.custom_op("snakes::ssd_chunked_triton_fwd", _ssd_fwd, mutates_args=())
 
 
 @_ssd_fwd_op.register_fake
@@ -664,12 +666,14 @@ def _ssd_fwd_fake(x, dt, A, B, C, D, initial_state, chunk_size, seq_idx=None):
     return x.new_empty(b, L, h, P), x.new_empty(b, h, P, B.shape[-1])
 
 
-@torch.library.custom_op("snakes::ssd_chunked_triton_bwd", mutates_args=())
-def _ssd_bwd_op(dy: torch.Tensor, dfinal: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+def _ssd_bwd(dy: torch.Tensor, dfinal: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
                 B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None, initial_state: torch.Tensor | None,
                 chunk_size: int, seq_idx: torch.Tensor | None = None) -> list[torch.Tensor]:
     grads = ssd_backward(dy, dfinal, x, dt, A, B, C, D, initial_state, chunk_size, seq_idx)
     return [gr.contiguous() if gr is not None else x.new_empty(0) for gr in grads]
+
+
+_ssd_bwd_op = torch.library.custom_op("snakes::ssd_chunked_triton_bwd", _ssd_bwd, mutates_args=())
 
 
 @_ssd_bwd_op.register_fake
@@ -686,9 +690,10 @@ def _setup_context(ctx, inputs, output):
     ctx.chunk_size = chunk_size
 
 
-def _backward(ctx, dy, dfinal):
+def _backward(ctx, dy, dfinal, bwd=_ssd_bwd_op):
+    "The op's backward; `bwd` is the backward op (under torch.compile) or its Python function (eager mode)."
     x, dt, A, B, C, D, initial_state, seq_idx = ctx.saved_tensors
-    grads = _ssd_bwd_op(dy.contiguous(), dfinal.contiguous(), x, dt, A, B, C, D, initial_state, ctx.chunk_size,
+    grads = bwd(dy.contiguous(), dfinal.contiguous(), x, dt, A, B, C, D, initial_state, ctx.chunk_size,
                         seq_idx)
     dx, ddt, dA, dB, dC, dD, dinit = grads
     return (dx, ddt, dA, dB, dC, (dD if D is not None else None), (dinit if initial_state is not None else None),
@@ -696,6 +701,34 @@ def _backward(ctx, dy, dfinal):
 
 
 _ssd_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+# %% ../notebooks/09_ssd_triton.ipynb #15bfb0f7
+def eager_autograd(op, forward, setup_context, backward):
+    """Call `op` (a custom op with autograd) under torch.compile, and in eager mode a torch.autograd.Function that
+    runs the same Python: `forward` (the function the op was made from), `setup_context` and `backward`. The two
+    paths compute the same thing; the eager one skips the dispatcher's work for each call of the op."""
+    class EagerOp(torch.autograd.Function):
+        @staticmethod
+        def forward(*args):
+            return forward(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    EagerOp.__name__ = EagerOp.__qualname__ = getattr(op, "_qualname", "EagerOp")   # profilers show the op's name
+
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else EagerOp.apply(*args)
+    return call
+
+
+_ssd_call = eager_autograd(_ssd_fwd_op, _ssd_fwd, _setup_context,
+                           lambda ctx, dy, dfinal: _backward(ctx, dy, dfinal, bwd=_ssd_bwd))
 
 # %% ../notebooks/09_ssd_triton.ipynb #ccc9c3b3
 def triton_unsupported_reason(x, B, chunk_size) -> str | None:
@@ -725,4 +758,4 @@ def ssd_chunked_triton(x, dt, A, B, C, chunk_size=64, D=None, initial_state=None
     # the kernels take any strides, but contiguous inputs keep the op's traced and real layouts identical under
     # torch.compile (in the model x is a transposed view of the convolution's output); a copy only when needed
     x, dt, B, C = (t.contiguous() for t in (x, dt, B, C))
-    return _ssd_fwd_op(x, dt, A, B, C, D, initial_state, chunk_size, doc)
+    return _ssd_call(x, dt, A, B, C, D, initial_state, chunk_size, doc)

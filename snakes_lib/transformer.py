@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .model import RMSNorm, mamba2_num_parameters   # the one RMSNorm and parameter count (chapter 05)
 from .ssd import document_ids                 # packed documents' labels -> document numbers (chapter 03)
+from .utils import atomic_write, atomic_write_text   # the one atomic writer (chapter 00)
 
 # %% auto #0
 __all__ = ['TransformerConfig', 'rotary_cos_sin', 'apply_rotary', 'KVCache', 'CausalSelfAttention', 'SwiGLU', 'TransformerBlock',
@@ -290,11 +291,15 @@ def _check_ids(self: TransformerLM, input_ids):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32) or input_ids.dim() != 2:
         raise TypeError(f"input_ids must be an int64 tensor (batch, seqlen), got {type(input_ids).__name__} "
                         f"{getattr(input_ids, 'dtype', '')} {tuple(getattr(input_ids, 'shape', ()))}")
-    if input_ids.is_cuda and torch.cuda.is_current_stream_capturing():
-        return                                       # no read-backs while a CUDA graph is recorded (chapter 10b)
-    if input_ids.numel() and (int(input_ids.max()) >= self.config.padded_vocab_size or int(input_ids.min()) < 0):
-        raise ValueError(f"token ids must lie in [0, {self.config.padded_vocab_size}); got min "
-                         f"{int(input_ids.min())}, max {int(input_ids.max())} — wrong tokenizer for this model?")
+    # no read-backs while a CUDA graph is recorded (chapter 10b) or torch.compile traces (a graph break; out-of-range
+    # ids then fail inside the embedding: call the model eagerly for this message), as chapter 05's model does
+    if (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()) or torch.compiler.is_compiling():
+        return
+    if input_ids.numel():
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()        # one read-back for both
+        if hi >= self.config.padded_vocab_size or lo < 0:
+            raise ValueError(f"token ids must lie in [0, {self.config.padded_vocab_size}); got min {lo}, max {hi} "
+                             "— wrong tokenizer for this model?")
 
 
 @patch
@@ -373,10 +378,9 @@ def save_pretrained(self: TransformerLM, directory) -> Path:
     state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
     if self.config.tie_embeddings:
         state.pop("lm_head.weight", None)  # the same tensor as the embedding; safetensors refuses shared storage
-    (directory / "config.json").write_text(self.config.to_json())
-    tmp = directory / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt", "model_type": "transformer"})
-    tmp.replace(directory / "model.safetensors")
+    atomic_write(directory / "model.safetensors",       # chapter 00: temp file, fsync, rename
+                 lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "model_type": "transformer"}))
+    atomic_write_text(directory / "config.json", self.config.to_json())
     return directory
 
 

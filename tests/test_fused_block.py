@@ -248,3 +248,24 @@ def test_graphed_transformer_step_decodes_what_the_eager_step_decodes():
     assert torch.equal(runs["eager"][0], runs["graph"][0])
     assert torch.allclose(runs["eager"][1], runs["graph"][1], atol=1e-5, rtol=1e-5)
     assert runs["eager"][2:] == runs["graph"][2:] == (81, 81)
+
+
+def test_eager_functions_and_the_ops_give_identical_gradients():
+    "The norm and the conv also run their op only under torch.compile (chapter 09's eager_autograd): same numbers."
+    gen = torch.Generator().manual_seed(4)
+    y, z = torch.randn(3, 7, 16, generator=gen).to(DEVICE), torch.randn(3, 7, 16, generator=gen).to(DEVICE)
+    w = torch.randn(16, generator=gen).to(DEVICE)
+    x, cw, cb = (torch.randn(2, 11, 12, generator=gen).to(DEVICE), torch.randn(12, 4, generator=gen).to(DEVICE),
+                 torch.randn(12, generator=gen).to(DEVICE))
+    cases = [(FB._norm_fwd_op, FB._norm_call, (y, z, w), (8, 1e-5)),
+             (FB._conv_fwd_op, FB._conv_call, (x, cw, cb), (None,))]
+    for op, call, tensors, rest in cases:
+        got = []
+        for fn in (op, call):
+            leaves = [t.clone().requires_grad_() for t in tensors]
+            out = fn(*leaves, *rest)
+            out = out[0] if isinstance(out, tuple) else out
+            out.square().sum().backward()
+            got.append([out] + [t.grad for t in leaves])
+        for a, e in zip(*got):
+            assert torch.equal(a, e)

@@ -319,3 +319,20 @@ def test_seq_idx_bf16_on_gpu_matches_the_pytorch_path(shape):
     assert norm_rel(y, y_ref) < 1e-2 and norm_rel(final, final_ref) < 1e-2
     for name, leaf, r in zip(NAMES, leaves, ref):
         assert norm_rel(leaf.grad, r.grad) < (5e-2 if name == "A" else 1e-2), name
+
+
+@pytest.mark.parametrize("shape,with_h", [((1, 37, 2, 16, 1, 8, 16), True), ((2, 70, 4, 8, 2, 16, 32), False)])
+def test_eager_function_and_the_op_give_identical_outputs_and_gradients(shape, with_h):
+    """ssd_chunked_triton calls the custom op only under torch.compile; in eager mode an autograd.Function runs the
+    same Python (chapter 09, `eager_autograd`). Both paths must agree bit for bit, in every gradient."""
+    b, L, h, P, g, N, Q = shape
+    ins = make(b, L, h, P, g, N, with_h=with_h, seed=3)
+    got = {}
+    for name, call in (("op", T._ssd_fwd_op), ("eager", T._ssd_call)):
+        leaves = [t.clone().requires_grad_() if t is not None else None for t in ins]
+        y, final = call(*leaves, Q, None)
+        (y.square().sum() + final.sin().sum()).backward()
+        got[name] = [y, final] + [t.grad for t in leaves if t is not None]
+    assert len(got["op"]) == len(got["eager"]) == 2 + sum(t is not None for t in ins)
+    for a, e in zip(got["op"], got["eager"]):
+        assert torch.equal(a, e)

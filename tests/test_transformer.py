@@ -184,3 +184,19 @@ def test_packed_documents_with_seq_idx_equal_each_document_alone(lengths):
     model(torch.cat(docs, dim=1), seq_idx=labels).sum().backward()        # the checkpointed path takes the mask too
     with pytest.raises(ValueError, match="not with a cache"):
         model(docs[0], cache=model.allocate_inference_cache(2), seq_idx=labels[:, :lengths[0]])
+
+
+@pytest.mark.slow
+def test_compiled_transformer_has_no_graph_break_and_keeps_the_eager_error():
+    "The token-id check reads ids back; under torch.compile it is skipped (chapter 08), so the forward is one graph."
+    torch.manual_seed(0)
+    m = TransformerLM(tiny())
+    ids = torch.randint(0, m.config.vocab_size, (2, 9))
+    for training in (True, False):
+        m.train(training)
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(m)(ids)
+        assert (ex.graph_count, ex.graph_break_count) == (1, 0), (training, ex.break_reasons)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="wrong tokenizer"):
+        m(torch.tensor([[1, 2, m.config.padded_vocab_size]]))
