@@ -223,7 +223,9 @@ def _causal_conv_bwd_dx_kernel(delta_ptr, w_ptr, doc_ptr, dx_ptr, L, C, K: tl.co
     tl.store(dx_ptr + pb * L * C + t[:, None] * C + c[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tm)
 
 # %% ../notebooks/10_fused_block.ipynb #2714057f
-CONV_CONFIG = dict(BT=64, BC=128, num_warps=4, bwd_BT=64, bwd_BC=128, bwd_num_warps=4, bwd_tiles_per_program=8)
+# tile sizes from a sweep on the H200 at the 115M model's shape (batch 8 x 2048, 1792 channels): forward 88 us,
+# backward 375 us, against 108 us and 516 us for the first guess (64-row forward tiles, runs of 8 backward tiles)
+CONV_CONFIG = dict(BT=32, BC=128, num_warps=4, bwd_BT=64, bwd_BC=128, bwd_num_warps=4, bwd_tiles_per_program=1)
 
 
 def _channels_dense(x: torch.Tensor) -> torch.Tensor:
