@@ -370,3 +370,34 @@ def test_seq_idx_with_a_cache_is_refused():
     cache = model.allocate_inference_cache(1)
     with pytest.raises(ValueError, match="not with a cache"):
         model(torch.zeros(1, 3, dtype=torch.long), cache=cache, seq_idx=torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("ngroups,headdim,d_state,L", [(2, 8, 8, 11), (4, 4, 6, 5)])
+def test_in_proj_rows_of_one_group_never_reach_another_groups_output(ngroups, headdim, d_state, L):
+    """Chapter 05b's tensor-parallel claim: up to out_proj, group g's output depends only on group g's rows of
+    in_proj (its heads' z, x, dt and its B, C): conv, SSD, gate and per-group norm never mix groups."""
+    from snakes_lib.model import Mamba2Mixer
+    cfg = Mamba2Config(d_model=32, n_layer=1, d_state=d_state, headdim=headdim, ngroups=ngroups, vocab_size=50,
+                       chunk_size=4)
+    torch.manual_seed(ngroups)
+    mixer = Mamba2Mixer(cfg).double()
+    u = torch.randn(2, L, cfg.d_model, dtype=torch.float64)
+    seen = []
+    mixer.out_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    D, N, H, G = cfg.d_inner, cfg.d_state, cfg.nheads, ngroups
+    per_d, per_h = D // G, H // G
+    for g in range(G):
+        rows = [*range(g * per_d, (g + 1) * per_d), *range(D + g * per_d, D + (g + 1) * per_d),
+                *range(2 * D + g * N, 2 * D + (g + 1) * N), *range(2 * D + G * N + g * N, 2 * D + G * N + (g + 1) * N),
+                *range(2 * D + 2 * G * N + g * per_h, 2 * D + 2 * G * N + (g + 1) * per_h)]
+        seen.clear()
+        mixer(u)
+        with torch.no_grad():
+            mixer.in_proj.weight[rows] += torch.randn(len(rows), cfg.d_model, dtype=torch.float64)
+        mixer(u)
+        before, after = seen
+        mine = slice(g * per_d, (g + 1) * per_d)
+        others = torch.ones(D, dtype=torch.bool)
+        others[mine] = False
+        assert torch.equal(after[..., others], before[..., others])
+        assert not torch.allclose(after[..., mine], before[..., mine])
