@@ -62,8 +62,6 @@ CHAPTERS = {
 
 # Found by this test and not fixed yet (issue 14); each is reported when it fails, and XPASS once fixed.
 KNOWN = {
-    "08b_mamba_vs_transformer.ipynb": "the d_state widget shows its raw `interactive(children=(IntSlider(...` text "
-                                      "before Run All (fix: show_widget and 480px sliders; needs re-execution)",
 }
 
 
