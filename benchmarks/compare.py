@@ -3,9 +3,12 @@ command. Prints tables, writes benchmarks/results/compare_<device>[_quick].json 
 
     python benchmarks/compare.py --quick          # CPU, tiny settings (a few minutes on 2 idle cores)
     python benchmarks/compare.py                  # CPU, larger settings (~6 min on 2 idle cores)
-    python benchmarks/compare.py --device cuda    # one GPU, ~8 min on an H100 (measured 455-493 s); writes compare_cuda.json
+    python benchmarks/compare.py --device cuda    # one GPU, ~12 min on an H100; writes compare_cuda.json
+    python benchmarks/compare.py --only lm --lm-seeds 0 1 2 --lm-lrs 1e-3 3e-3 1e-2 3e-2 1e-1 --lm-steps 200 \
+        --threads 1 --out benchmarks/results/compare_lm_sweep_cpu.json   # chapter 08b's LM sweep: 30 runs, ~27 CPU-minutes
 
-Experiments (--only picks some): lm (val loss vs tokens, 3 learning rates per model, snakes_lib.train),
+Experiments (--only picks some): lm (val loss vs tokens, a learning-rate sweep per model, each rate with one or more
+seeds (--lm-seeds; on CUDA 3 seeds x 5 rates by default), snakes_lib.train),
 train (step time and memory vs sequence length at fixed tokens per step), decode (time per token and cache bytes vs
 context length, crossovers), mqar (associative recall accuracy vs width and state size), story (the Maia prompt,
 continued by the best LM run of each model).
@@ -37,14 +40,15 @@ from snakes_lib.model import Mamba2Config  # noqa: E402
 from _common import device_name, setup_device  # noqa: E402  (benchmarks/ is on sys.path)
 
 EXPERIMENTS = ("lm", "train", "decode", "story", "mqar")
+LM_SWEEP_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)   # wide enough that neither model's best rate sits at an edge
 
 
 def settings(device_type: str, quick: bool) -> dict:
     "Every size and length, per device and mode, in one place."
     if device_type == "cuda":
         return dict(
-            lm=dict(model_size="tiny", lrs=(1e-3, 3e-3, 1e-2), max_steps=300, batch_size=32, seq_len=256, eval_every=25,
-                    eval_batches=8),
+            lm=dict(model_size="tiny", lrs=LM_SWEEP_LRS, seeds=(0, 1, 2), max_steps=300, batch_size=32, seq_len=256,
+                    eval_every=25, eval_batches=8),
             bench_model=dict(d_model=768, n_layer=24, d_state=128, headdim=64, vocab_size=32768, chunk_size=256),
             train=dict(seq_lens=(256, 512, 1024, 2048, 4096, 8192, 16384), tokens_per_step=16384, steps=3, warmup=2,
                        amp_dtype=torch.bfloat16),
@@ -84,6 +88,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny settings (CPU smoke run)")
     p.add_argument("--only", nargs="+", choices=EXPERIMENTS, default=None, help="run only these experiments")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--lm-seeds", type=int, nargs="+", default=None, metavar="S", help="lm: seeds per learning rate")
+    p.add_argument("--lm-lrs", type=float, nargs="+", default=None, metavar="LR", help="lm: the learning rates swept")
+    p.add_argument("--lm-steps", type=int, default=None, metavar="N", help="lm: training steps per run")
     p.add_argument("--runs-dir", type=Path, default=None, help="where the LM runs go (default: a temporary folder)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default benchmarks/results/compare_<cpu|cuda>[_quick].json)")
@@ -91,6 +98,11 @@ def main(argv=None):
 
     cuda = setup_device(p, args)
     S = settings("cuda" if cuda else "cpu", args.quick)
+    for key, value in (("seeds", args.lm_seeds), ("lrs", args.lm_lrs), ("max_steps", args.lm_steps)):
+        if value is not None:
+            if (key == "max_steps" and value < 1) or (key != "max_steps" and len(set(value)) != len(value)):
+                p.error(f"--lm-{key.replace('max_', '')}: {value!r} (need >= 1 step, and no value twice)")
+            S["lm"][key] = tuple(value) if key != "max_steps" else value
     todo = args.only or EXPERIMENTS
     out = args.out or ROOT / "benchmarks" / "results" / f"compare_{'cuda' if cuda else 'cpu'}{'_quick' if args.quick else ''}.json"
     doc = dict(benchmark="compare", device=device_name(args.device), device_type="cuda" if cuda else "cpu",
@@ -116,13 +128,15 @@ def main(argv=None):
 
     if "lm" in todo:
         t0 = time.perf_counter()
-        lm = C.lm_experiment(runs_dir / "lm", device=args.device, **S["lm"])
+        lm = C.lm_experiment(runs_dir / "lm", device=args.device, verbose=True, **S["lm"])
         doc["experiments"]["lm"] = lm
         doc["seconds"]["lm"] = time.perf_counter() - t0
-        print("\nlanguage modelling: best validation loss per learning rate")
-        for r in lm["runs"]:
-            print(f"  {r['model']:<12} lr {r['lr']:<7g} best val loss {r['best_val_loss']:.4f}  ({r['seconds']:.0f} s)")
-        print("  best: " + ", ".join(f"{k} {v['best_val_loss']:.4f} (lr {v['lr']:g})" for k, v in lm["best"].items()))
+        print("\nlanguage modelling: best validation loss per learning rate (mean ± std over seeds, min-max)")
+        for r in lm["summary"]:
+            print(f"  {r['model']:<12} lr {r['lr']:<7g} {r['mean']:.4f} ± {r['std']:.4f} ({r['min']:.4f}-{r['max']:.4f}, "
+                  f"seeds {r['seeds']})")
+        print("  best: " + ", ".join(f"{k} {v['best_val_loss']:.4f} (lr {v['lr']:g}{', at the edge of the sweep' * v['at_edge']})"
+                                     for k, v in lm["best"].items()))
         save()
     if "train" in todo:
         t0 = time.perf_counter()

@@ -32,10 +32,10 @@ from .transformer import (TransformerConfig, TransformerLM, matched_transformer_
 
 # %% auto #0
 __all__ = ['MAIA_STORY', 'MAIA_PROMPT', 'IGNORE_INDEX', 'model_type', 'build_model', 'parameter_report', 'matched_pair',
-           'lm_configs', 'lm_experiment', 'continue_story', 'train_step_benchmark', 'mamba2_state_numbers',
-           'kv_cache_numbers', 'state_size_report', 'cache_nbytes', 'analytic_cache_bytes', 'decode_benchmark',
-           'crossovers', 'mqar_batch', 'mqar_loss_accuracy', 'state_numbers', 'train_mqar', 'mqar_configs',
-           'mqar_experiment']
+           'lm_configs', 'lm_summary', 'lm_experiment', 'continue_story', 'train_step_benchmark',
+           'mamba2_state_numbers', 'kv_cache_numbers', 'state_size_report', 'cache_nbytes', 'analytic_cache_bytes',
+           'decode_benchmark', 'crossovers', 'mqar_batch', 'mqar_loss_accuracy', 'state_numbers', 'train_mqar',
+           'mqar_configs', 'mqar_experiment']
 
 # %% ../notebooks/08b_mamba_vs_transformer.ipynb #698cb6d3
 def model_type(config) -> str:
@@ -66,7 +66,7 @@ def matched_pair(mamba_config) -> dict:
     return {"configs": {"mamba2": mamba_config.to_dict(), "transformer": tf_config.to_dict()},
             "parameters": reports, "non_embedding_mismatch": (b - a) / a}
 
-# %% ../notebooks/08b_mamba_vs_transformer.ipynb #7159a1fd
+# %% ../notebooks/08b_mamba_vs_transformer.ipynb #01e60e2f
 MAIA_STORY = """Once upon a time, in a cozy little house at the edge of a bustling town Utica in New York State, there lived a baby girl named Maia. Maia wasn't just any baby girl; she was curious, smart, and had a knack for getting into all sorts of funny adventures.
 
 One sunny morning, Maia woke up with a brilliant idea. She decided it was the perfect day to explore the world beyond her crib. With a determined look in her bright eyes, she wiggled her way out of bed and toddled towards the door.
@@ -89,16 +89,58 @@ def lm_configs(model_size: str = "tiny", vocab_size: int = 2048, **mamba_overrid
     return {"mamba2": mc, "transformer": matched_transformer_config(mc)}
 
 
+# %% ../notebooks/08b_mamba_vs_transformer.ipynb #501d908e
+def _lm_run(out_dir: Path, tok_path: Path, name: str, lr: float, seed: int, model_config: dict, train_kw: dict) -> dict:
+    "One run of lm_experiment: its own run folder out_dir/{name}_lr{lr}_s{seed}, the shared tokenizer, snakes_lib.train."
+    import shutil
+    run_dir = out_dir / f"{name}_lr{lr:g}_s{seed}"
+    remove_run(run_dir, "compare_models")             # an earlier sweep's run: only snakes' own files
+    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(run_dir, "compare_models", created=True)  # the marker first: then the folder is a run
+    shutil.copy(tok_path, run_dir / "tokenizer.json")  # one tokenizer for every run
+    cfg = TrainConfig(preset="custom", model_type=name, model_config=model_config, out=str(run_dir), lr=lr,
+                      min_lr=lr / 10, seed=seed, patience=0, checkpoint_every=0, **train_kw)
+    res = train(cfg)
+    val = [m for m in read_metrics(run_dir) if "val_loss" in m]
+    return {"model": name, "lr": lr, "seed": seed, "tokens": [m["step"] * cfg.tokens_per_step for m in val],
+            "val_loss": [m["val_loss"] for m in val], "best_val_loss": res.best_val_loss,
+            "final_val_loss": res.val_loss, "seconds": res.seconds, "run_dir": str(run_dir),
+            "tokenizer_fingerprint": res.tokenizer.fingerprint}
+
+
+def lm_summary(runs: list) -> dict:
+    """Per model and learning rate, the best validation loss over seeds: {'rows': [{model, lr, seeds, mean, std
+    (sample, 0 for one seed), min, max}], 'best': {model: {lr, best_val_loss (the mean), std, min, max, n_seeds,
+    run_dir (that lr's best seed), at_edge (the lr is the smallest or largest swept)}}}. Runs without a 'seed'
+    (files written before seeds existed) count as seed 0."""
+    rows, best = [], {}
+    for name in dict.fromkeys(r["model"] for r in runs):
+        lrs = sorted({r["lr"] for r in runs if r["model"] == name})
+        for lr in lrs:
+            rs = [r for r in runs if r["model"] == name and r["lr"] == lr]
+            v = torch.tensor([r["best_val_loss"] for r in rs], dtype=torch.float64)
+            rows.append({"model": name, "lr": lr, "seeds": [r.get("seed", 0) for r in rs], "mean": v.mean().item(),
+                         "std": v.std().item() if len(rs) > 1 else 0.0, "min": v.min().item(), "max": v.max().item(),
+                         "run_dir": min(rs, key=lambda r: r["best_val_loss"])["run_dir"]})
+        b = min((r for r in rows if r["model"] == name), key=lambda r: r["mean"])
+        best[name] = {"lr": b["lr"], "best_val_loss": b["mean"], "std": b["std"], "min": b["min"], "max": b["max"],
+                      "n_seeds": len(b["seeds"]), "run_dir": b["run_dir"], "at_edge": b["lr"] in (lrs[0], lrs[-1])}
+    return {"rows": [{k: v for k, v in r.items() if k != "run_dir"} for r in rows], "best": best}
+
+# %% ../notebooks/08b_mamba_vs_transformer.ipynb #38dfc4b7
 def lm_experiment(out_dir, model_size: str = "tiny", vocab_size: int = 2048, lrs=(1e-3, 3e-3, 1e-2),
                   max_steps: int = 120, batch_size: int = 8, seq_len: int = 128, eval_every: int = 20,
-                  eval_batches: int = 4, device: str = "cpu", seed: int = 0, data=None, precision: str = "auto",
-                  progress: bool = False, mamba_overrides: dict | None = None) -> dict:
-    """Train Mamba-2 and its matched Transformer++ with snakes_lib.train at each learning rate in `lrs` on the same
-    data (default: the bundled corpus), tokenizer and token budget. Run folders go to out_dir/{model}_lr{lr}.
+                  eval_batches: int = 4, device: str = "cpu", seeds=(0,), data=None, precision: str = "auto",
+                  progress: bool = False, mamba_overrides: dict | None = None, verbose: bool = False) -> dict:
+    """Train Mamba-2 and its matched Transformer++ with snakes_lib.train at each learning rate in `lrs` and each seed
+    in `seeds` on the same data (default: the bundled corpus), tokenizer and token budget. Run folders go to
+    out_dir/{model}_lr{lr}_s{seed}. verbose: one line per finished run (progress for a long sweep).
 
-    Returns {'settings', 'parameters': {model: report}, 'runs': [{model, lr, tokens, val_loss (lists), best_val_loss,
-    final_val_loss, seconds, run_dir}], 'best': {model: {lr, best_val_loss, run_dir}}, 'tokenizer_fingerprint'}."""
-    import shutil
+    Returns {'settings', 'parameters': {model: report}, 'runs': [{model, lr, seed, tokens, val_loss (lists),
+    best_val_loss, final_val_loss, seconds, run_dir}], 'summary' and 'best' (see `lm_summary`: per model, the rate
+    with the lowest mean over seeds), 'tokenizer_fingerprint'}."""
+    if not lrs or not seeds:
+        raise ValueError(f"lm_experiment needs at least one learning rate and one seed, got lrs={lrs!r}, seeds={seeds!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [str(p) for p in (data or [bundled_corpus_dir()])]
@@ -108,38 +150,27 @@ def lm_experiment(out_dir, model_size: str = "tiny", vocab_size: int = 2048, lrs
     configs = lm_configs(model_size, tokenizer.vocab_size, **(mamba_overrides or {}))
     tf_fields = {k: v for k, v in configs["transformer"].to_dict().items() if k not in ("model_type", "vocab_size")}
     model_config = {"mamba2": dict(mamba_overrides or {}), "transformer": tf_fields}
-    runs, params = [], {}
+    train_kw = dict(model_size=model_size, vocab_size=vocab_size, data=paths, device=device, batch_size=batch_size,
+                    seq_len=seq_len, max_steps=max_steps, warmup_steps=max(1, max_steps // 10), eval_every=eval_every,
+                    eval_batches=eval_batches, precision=precision, progress=progress)
+    runs, params, t0 = [], {}, time.perf_counter()
     for name in ("mamba2", "transformer"):
         with torch.device("meta"):
             params[name] = parameter_report(build_model(configs[name]))
         for lr in lrs:
-            run_dir = out_dir / f"{name}_lr{lr:g}"
-            remove_run(run_dir, "compare_models")             # an earlier sweep's run: only snakes' own files
-            run_dir.mkdir(parents=True, exist_ok=True)
-            claim_run_dir(run_dir, "compare_models", created=True)  # the marker first: then the folder is a run
-            shutil.copy(tok_path, run_dir / "tokenizer.json")  # one tokenizer for every run
-            cfg = TrainConfig(preset="custom", model_size=model_size, model_type=name, model_config=model_config[name],
-                              vocab_size=vocab_size, data=paths, out=str(run_dir), device=device,
-                              batch_size=batch_size, seq_len=seq_len, max_steps=max_steps, lr=lr, min_lr=lr / 10,
-                              warmup_steps=max(1, max_steps // 10), eval_every=eval_every, eval_batches=eval_batches,
-                              patience=0, checkpoint_every=0, seed=seed, precision=precision, progress=progress)
-            res = train(cfg)
-            val = [m for m in read_metrics(run_dir) if "val_loss" in m]
-            runs.append({"model": name, "lr": lr, "tokens": [m["step"] * cfg.tokens_per_step for m in val],
-                         "val_loss": [m["val_loss"] for m in val], "best_val_loss": res.best_val_loss,
-                         "final_val_loss": res.val_loss, "seconds": res.seconds, "run_dir": str(run_dir),
-                         "tokenizer_fingerprint": res.tokenizer.fingerprint})
-    best = {}
-    for name in ("mamba2", "transformer"):
-        r = min((r for r in runs if r["model"] == name), key=lambda r: r["best_val_loss"])
-        best[name] = {"lr": r["lr"], "best_val_loss": r["best_val_loss"], "run_dir": r["run_dir"]}
-    settings = dict(model_size=model_size, vocab_size=vocab_size, lrs=list(lrs), max_steps=max_steps,
+            for seed in seeds:
+                runs.append(_lm_run(out_dir, tok_path, name, lr, seed, model_config[name], train_kw))
+                if verbose:
+                    print(f"  [{len(runs)}/{2 * len(lrs) * len(seeds)}, {time.perf_counter() - t0:.0f} s] {name} lr {lr:g} "
+                          f"seed {seed}: best val loss {runs[-1]['best_val_loss']:.3f}", flush=True)
+    summary = lm_summary(runs)
+    settings = dict(model_size=model_size, vocab_size=vocab_size, lrs=list(lrs), seeds=list(seeds), max_steps=max_steps,
                     batch_size=batch_size, seq_len=seq_len, tokens=max_steps * batch_size * seq_len, device=device,
                     configs={k: v.to_dict() for k, v in configs.items()})
-    return {"settings": settings, "parameters": params, "runs": runs, "best": best,
-            "tokenizer_fingerprint": tokenizer.fingerprint}
+    return {"settings": settings, "parameters": params, "runs": runs, "summary": summary["rows"],
+            "best": summary["best"], "tokenizer_fingerprint": tokenizer.fingerprint}
 
-
+# %% ../notebooks/08b_mamba_vs_transformer.ipynb #2b829693
 def continue_story(run_dirs: dict, prompt: str = MAIA_PROMPT, story: str = MAIA_STORY, max_new_tokens: int = 60,
                    temperature: float = 0.7, top_p: float = 0.9, repetition_penalty: float = 1.1, seed: int = 0,
                    device: str = "cpu") -> dict:
@@ -152,7 +183,7 @@ def continue_story(run_dirs: dict, prompt: str = MAIA_PROMPT, story: str = MAIA_
         out[name] = {"text": g.text, "prompt_tokens": g.prompt_tokens, "tokens_per_s": g.tokens_per_second}
     return out
 
-# %% ../notebooks/08b_mamba_vs_transformer.ipynb #ef833e7c
+# %% ../notebooks/08b_mamba_vs_transformer.ipynb #5cf4782b
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -182,6 +213,33 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+# %% ../notebooks/08b_mamba_vs_transformer.ipynb #ee42aee3
+def _time_train_step(model, x, lr: float, amp_dtype, steps: int, warmup: int, dev) -> tuple:
+    """Median ms of `steps` training steps (forward, cross-entropy, backward, AdamW) after `warmup` on tokens
+    x: (batch, seq_len + 1), and the bytes autograd saved in the first step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def loss_fn():
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+
+    times, act = [], None
+    for i in range(warmup + steps):
+        _sync(dev); t0 = time.perf_counter()
+        if i == 0:
+            loss, act = _saved_tensor_bytes(loss_fn, exclude=list(model.parameters()))
+        else:
+            loss = loss_fn()
+        loss.backward()
+        opt.step(); opt.zero_grad(set_to_none=True)
+        _sync(dev)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times)[len(times) // 2], act
+
+
+# %% ../notebooks/08b_mamba_vs_transformer.ipynb #cbda779e
 def train_step_benchmark(configs: dict, seq_lens=(128, 256, 512, 1024, 2048, 4096), tokens_per_step: int = 8192,
                          device="cpu", amp_dtype=None, steps: int = 3, warmup: int = 1, lr: float = 1e-3,
                          gradient_checkpointing: bool = False, progress: bool = True) -> list:
@@ -197,52 +255,30 @@ def train_step_benchmark(configs: dict, seq_lens=(128, 256, 512, 1024, 2048, 409
         for name, cfg in configs.items():
             row = {"model": name, "seq_len": L, "batch_size": bs, "ms_per_step": None, "tokens_per_s": None,
                    "activation_bytes": None, "peak_memory_bytes": None, "oom": name in dead}
-            if name in dead:
-                rows.append(row); continue
-            model = opt = None
-            try:
-                torch.manual_seed(0)
-                model = build_model(cfg, device=dev)
-                model.gradient_checkpointing = gradient_checkpointing
-                model.train()
-                opt = torch.optim.AdamW(model.parameters(), lr=lr)
-                g = torch.Generator().manual_seed(0)
-                x = torch.randint(0, cfg.vocab_size, (bs, L + 1), generator=g).to(dev)
-
-                def loss_fn():
-                    with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        logits = model(x[:, :-1])
-                    return F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
-
-                times = []
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(dev)
-                for i in range(warmup + steps):
-                    _sync(dev); t0 = time.perf_counter()
-                    if i == 0:
-                        loss, act = _saved_tensor_bytes(loss_fn, exclude=list(model.parameters()))
-                        row["activation_bytes"] = act
-                    else:
-                        loss = loss_fn()
-                    loss.backward()
-                    opt.step(); opt.zero_grad(set_to_none=True)
-                    _sync(dev)
-                    if i >= warmup:
-                        times.append(time.perf_counter() - t0)
-                ms = 1000 * sorted(times)[len(times) // 2]
-                row.update(ms_per_step=ms, tokens_per_s=bs * L / ms * 1000)
-                if dev.type == "cuda":
-                    row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(dev)
-            except Exception as e:  # noqa: BLE001 - OOM is a result here, anything else is re-raised
-                if not _is_oom(e):
-                    raise
-                row["oom"] = True
-                dead.add(name)
-            finally:
-                del model, opt
-                gc.collect()
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
+            if name not in dead:
+                model = None
+                try:
+                    torch.manual_seed(0)
+                    model = build_model(cfg, device=dev)
+                    model.gradient_checkpointing = gradient_checkpointing
+                    model.train()
+                    x = torch.randint(0, cfg.vocab_size, (bs, L + 1), generator=torch.Generator().manual_seed(0)).to(dev)
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(dev)
+                    ms, row["activation_bytes"] = _time_train_step(model, x, lr, amp_dtype, steps, warmup, dev)
+                    row.update(ms_per_step=ms, tokens_per_s=bs * L / ms * 1000)
+                    if dev.type == "cuda":
+                        row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(dev)
+                except Exception as e:  # noqa: BLE001 - OOM is a result here, anything else is re-raised
+                    if not _is_oom(e):
+                        raise
+                    row["oom"] = True
+                    dead.add(name)
+                finally:
+                    del model
+                    gc.collect()
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
             rows.append(row)
     return rows
 
@@ -285,7 +321,7 @@ def state_size_report(d_model: int = 768, n_layer: int = 24, d_state: int = 128,
         out["state_numbers_per_kv_pair"] = (s["ssm"] + s["conv"]) / num_kv_pairs
     return out
 
-# %% ../notebooks/08b_mamba_vs_transformer.ipynb #00c5614e
+# %% ../notebooks/08b_mamba_vs_transformer.ipynb #3ec78cd6
 def cache_nbytes(cache) -> int:
     "Bytes the model decodes from: the filled part of a KV cache, or the whole Mamba-2 state."
     if hasattr(cache, "used_nbytes"):
@@ -303,6 +339,7 @@ def analytic_cache_bytes(config, context_len: int, dtype=torch.float32) -> int:
     return s["ssm"] * ssm_size + s["conv"] * esize
 
 
+# %% ../notebooks/08b_mamba_vs_transformer.ipynb #8ab194cb
 @torch.inference_mode()
 def decode_benchmark(configs: dict, context_lens=(128, 256, 512, 1024, 2048, 4096), new_tokens: int = 16,
                      batch_size: int = 1, device="cpu", dtype=torch.float32, prefill_chunk: int = 4096,
@@ -363,6 +400,7 @@ def decode_benchmark(configs: dict, context_lens=(128, 256, 512, 1024, 2048, 409
     return rows
 
 
+# %% ../notebooks/08b_mamba_vs_transformer.ipynb #088de217
 def crossovers(decode_rows: list, a: str = "mamba2", b: str = "transformer") -> dict:
     """From decode_benchmark rows: the first measured context length at which model `a` has a smaller cache /
     is faster per token than model `b` (None if never)."""
@@ -373,6 +411,7 @@ def crossovers(decode_rows: list, a: str = "mamba2", b: str = "transformer") -> 
         out[name] = next((L for L in lens if by.get((a, L), {}).get(key) is not None
                           and by.get((b, L), {}).get(key) is not None and by[(a, L)][key] < by[(b, L)][key]), None)
     return out
+
 
 # %% ../notebooks/08b_mamba_vs_transformer.ipynb #77d81eb9
 IGNORE_INDEX = -100
@@ -407,7 +446,7 @@ def mqar_batch(batch_size: int, num_kv_pairs: int = 8, seq_len: int = 64, vocab_
     targets.scatter_(1, pos, values.gather(1, asked))
     return inputs.to(device), targets.to(device)
 
-# %% ../notebooks/08b_mamba_vs_transformer.ipynb #e190eabe
+# %% ../notebooks/08b_mamba_vs_transformer.ipynb #da28d5ea
 def mqar_loss_accuracy(model, inputs, targets):
     "Cross-entropy and accuracy (a float) over the query positions only. inputs, targets: (batch, seq_len)."
     logits = model(inputs)
@@ -451,6 +490,7 @@ def train_mqar(config, steps: int = 300, batch_size: int = 64, lr: float = 3e-3,
             "parameters": parameter_report(model), "seconds": time.perf_counter() - t0}
 
 
+# %% ../notebooks/08b_mamba_vs_transformer.ipynb #729afd58
 def mqar_configs(d_models=(16, 32, 64), d_states=(4, 16, 64), n_layer: int = 2, vocab_size: int = 64,
                  headdim: int = 16) -> list:
     "The MQAR grid: Mamba-2 at every (d_model, d_state), a Transformer++ at every d_model (same depth)."
@@ -479,3 +519,4 @@ def mqar_experiment(d_models=(16, 32, 64), d_states=(4, 16, 64), lrs=(3e-3,), n_
     settings = dict(n_layer=n_layer, num_kv_pairs=num_kv_pairs, seq_len=seq_len, vocab_size=vocab_size,
                     steps=steps, batch_size=batch_size, lrs=list(lrs), seed=seed)
     return {"settings": settings, "runs": runs}
+

@@ -62,10 +62,6 @@ CHAPTERS = {
 
 # Found by this test and not fixed yet (issue 14); each is reported when it fails, and XPASS once fixed.
 KNOWN = {
-    "07b_generate.ipynb": "after a move of the temperature FloatSlider the handle and the kernel disagree by a step "
-                         "(seen: handle 1.1, kernel 1.05 after one ArrowRight; 0.3 vs 0.35 after a drag)",
-    "08b_mamba_vs_transformer.ipynb": "the d_state widget shows its raw `interactive(children=(IntSlider(...` text "
-                                      "before Run All (fix: show_widget and 480px sliders; needs re-execution)",
 }
 
 
@@ -254,6 +250,10 @@ def probe(widget: str) -> str:
 # ------------------------------------------------------------------------------------------- in the browser
 PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"          # the notebook on screen
 JS_PROMPTS = f"() => [...document.querySelectorAll('{PANEL} .jp-CodeCell .jp-InputPrompt')].map(e => e.textContent.trim())"
+# A slider's value and range as the widget holds them. Not the handle's aria-valuenow/-min/-max: noUiSlider writes
+# those with toFixed(1), so a FloatSlider of step 0.05 at 1.05 reads "1.1" there (seen as "handle 1.1, kernel 1.05").
+JS_SLIDER_VALUE = "el => Number(el.noUiSlider.get())"
+JS_SLIDER_RANGE = "el => [Number(el.noUiSlider.options.range.min), Number(el.noUiSlider.options.range.max)]"
 JS_WATCH_STATUS = """el => { window.__status = []; new MutationObserver(() => window.__status.push(el.textContent))
                              .observe(el, {subtree: true, childList: true, characterData: true}); }"""
 
@@ -375,13 +375,13 @@ def _move_every_control(page, kernel: Kernel, cell, ch: Chapter, name: str):
         kw, cont, step = controls[desc]
         handle, track = s.locator(".noUi-handle"), s.locator(".noUi-target")
         s.scroll_into_view_if_needed()
-        lo, hi = float(handle.get_attribute("aria-valuemin")), float(handle.get_attribute("aria-valuemax"))
+        lo, hi = track.evaluate(JS_SLIDER_RANGE)
         width = track.bounding_box()["width"]
         assert width >= (hi - lo) / step, (f"{name}: slider {desc!r} has {(hi - lo) / step:.0f} steps on a "
                                            f"{width:.0f}-pixel track: one pixel jumps several steps; widen it")
         if ch.measures:
             assert cont is False, f"{name}: slider {desc!r} re-measures while it is dragged: continuous_update=False"
-        old_value, old_out = float(handle.get_attribute("aria-valuenow")), _output_fingerprint(interact)
+        old_value, old_out = track.evaluate(JS_SLIDER_VALUE), _output_fingerprint(interact)
         if status is not None:
             page.evaluate("() => { window.__status = []; }")
         if drag:       # drag the handle a third of the track towards the far end, then let go
@@ -401,7 +401,7 @@ def _move_every_control(page, kernel: Kernel, cell, ch: Chapter, name: str):
         else:          # the keyboard: one step
             handle.focus()
             page.keyboard.press("ArrowRight" if old_value < hi else "ArrowLeft")
-        new_value = float(handle.get_attribute("aria-valuenow"))
+        new_value = track.evaluate(JS_SLIDER_VALUE)
         assert new_value != old_value, f"{name}: slider {desc!r} did not move"
         _wait_for(lambda: _output_fingerprint(interact) != old_out, f"{name}: the output to redraw after {desc!r}")
         _check_callback_ran_with(kernel, ch, name, {kw: new_value}, status)

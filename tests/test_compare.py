@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from snakes_lib.compare import (IGNORE_INDEX, analytic_cache_bytes, crossovers, decode_benchmark, kv_cache_numbers,
-                                mamba2_state_numbers, matched_pair, mqar_batch, mqar_experiment, state_size_report,
+                                lm_summary, mamba2_state_numbers, matched_pair, mqar_batch, mqar_experiment, state_size_report,
                                 train_mqar, train_step_benchmark)
 from snakes_lib.model import Mamba2Config
 from snakes_lib.transformer import TransformerConfig, matched_transformer_config
@@ -118,3 +118,67 @@ def test_transformer_config_type_dispatch():
     assert model_type(TransformerConfig(d_model=32, n_head=2)) == "transformer"
     assert model_type(tiny_pair()["mamba2"]) == "mamba2"
     assert type(build_model(tiny_pair()["transformer"])).__name__ == "TransformerLM"
+
+
+# -- the LM sweep's summary over seeds ---------------------------------------------------------------------------------
+def _runs(best_lrs, lrs=(1e-3, 3e-3, 1e-2, 3e-2), seeds=(0, 1, 2), noise=0.01):
+    g = torch.Generator().manual_seed(0)
+    return [{"model": m, "lr": lr, "seed": s, "run_dir": f"{m}/{lr}/{s}",
+             "best_val_loss": 3.0 + abs(torch.tensor(lr / b).log10().item()) + noise * torch.rand(1, generator=g).item()}
+            for m, b in best_lrs.items() for lr in lrs for s in seeds]
+
+
+@pytest.mark.parametrize("best_lrs, edges", [({"mamba2": 1e-2, "transformer": 3e-3}, {"mamba2": False, "transformer": False}),
+                                             ({"mamba2": 3e-2, "transformer": 1e-3}, {"mamba2": True, "transformer": True})])
+def test_lm_summary_best_rate_and_edge(best_lrs, edges):
+    runs = _runs(best_lrs)
+    s = lm_summary(runs)
+    assert len(s["rows"]) == 8 and all(r["seeds"] == [0, 1, 2] for r in s["rows"])
+    for m, b in s["best"].items():
+        mine = [r["best_val_loss"] for r in runs if r["model"] == m and r["lr"] == b["lr"]]
+        assert b["lr"] == best_lrs[m] and b["at_edge"] is edges[m] and b["n_seeds"] == 3
+        assert b["best_val_loss"] == pytest.approx(sum(mine) / 3) and b["min"] == min(mine) and b["max"] == max(mine)
+        assert b["std"] == pytest.approx(torch.tensor(mine, dtype=torch.float64).std().item())
+        assert b["run_dir"] == min((r for r in runs if r["model"] == m and r["lr"] == b["lr"]), key=lambda r: r["best_val_loss"])["run_dir"]
+    json.dumps(s)
+
+
+def test_lm_summary_mean_over_seeds_not_one_lucky_run():
+    "The best rate is the one with the lowest mean: one lucky seed at another rate does not win."
+    runs = [{"model": "mamba2", "lr": lr, "seed": s, "run_dir": "r", "best_val_loss": v}
+            for lr, vals in ((1e-3, [2.0, 2.0, 2.0]), (1e-2, [1.5, 2.6, 2.6]), (1e-1, [3.0, 3.0, 3.0])) for s, v in enumerate(vals)]
+    b = lm_summary(runs)["best"]["mamba2"]
+    assert b["lr"] == 1e-3 and b["at_edge"] is True and b["std"] == 0.0     # 1e-3 is the lowest rate swept
+
+
+def test_lm_summary_reads_files_without_seeds():
+    "Results written before seeds existed (one run per rate, no 'seed' key) still summarize: seed 0, std 0."
+    runs = [{k: v for k, v in r.items() if k != "seed"} for r in _runs({"mamba2": 1e-2}, seeds=(0,))]
+    s = lm_summary(runs)
+    assert [r["seeds"] for r in s["rows"]] == [[0]] * 4 and all(r["std"] == 0.0 for r in s["rows"])
+    assert s["best"]["mamba2"]["lr"] == 1e-2 and s["best"]["mamba2"]["n_seeds"] == 1
+
+
+def _compare_script():
+    import importlib.util
+    import sys
+    from pathlib import Path
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location("bench_compare", bench / "compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_gpu_settings_run_the_seeded_sweep():
+    "`benchmarks/compare.py --device cuda` runs the LM sweep with 3 seeds over the wide range of rates."
+    S = _compare_script().settings("cuda", quick=False)["lm"]
+    assert len(S["seeds"]) == 3 and min(S["lrs"]) <= 1e-3 and max(S["lrs"]) >= 1e-1 and len(S["lrs"]) >= 5
+
+
+@pytest.mark.parametrize("flags", [["--lm-lrs", "1e-2", "1e-2"], ["--lm-seeds", "0", "0"], ["--lm-steps", "0"]])
+def test_benchmark_lm_flags_refuse_bad_values(flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        _compare_script().main(flags + ["--out", "/nonexistent/never-written.json"])
+    assert e.value.code == 2 and "--lm-" in capsys.readouterr().err
