@@ -55,7 +55,7 @@ CHAPTERS = {
                                                  timing_lengths=[16, 64])),
     "08b_mamba_vs_transformer.ipynb": Chapter("state_widget", dict(
         lm_steps=2, lm_lrs=[1e-2], lm_batch_size=2, lm_seq_len=32, lm_eval_every=1, story_tokens=4,
-        train_seq_lens=[32, 64], train_tokens_per_step=128, decode_context_lens=[16, 32], decode_new_tokens=2,
+        train_seq_lens=[128, 256], train_tokens_per_step=256, decode_context_lens=[16, 32], decode_new_tokens=2,
         mqar_d_models=[16], mqar_d_states=[4], mqar_steps=2)),
 }
 
