@@ -54,7 +54,7 @@ def settings(device_type: str, quick: bool) -> dict:
                        amp_dtype=torch.bfloat16),
             decode=dict(context_lens=(256, 1024, 4096, 8192, 16384, 32768), new_tokens=32, batch_size=8,
                         dtype=torch.bfloat16),
-            mqar=dict(d_models=(64, 128), d_states=(8, 32, 128), lrs=(1e-3, 3e-3), steps=1500, batch_size=64,
+            mqar=dict(d_models=(64, 128), d_states=(8, 16, 32, 64, 128), lrs=(1e-3, 3e-3), steps=1500, batch_size=64,
                       num_kv_pairs=8, seq_len=64, vocab_size=64),
         )
     if quick:
