@@ -91,6 +91,9 @@ def main(argv=None):
     p.add_argument("--lm-seeds", type=int, nargs="+", default=None, metavar="S", help="lm: seeds per learning rate")
     p.add_argument("--lm-lrs", type=float, nargs="+", default=None, metavar="LR", help="lm: the learning rates swept")
     p.add_argument("--lm-steps", type=int, default=None, metavar="N", help="lm: training steps per run")
+    p.add_argument("--mqar-d-models", type=int, nargs="+", default=None, metavar="D",
+                   help="mqar: the widths swept (to split the grid over processes)")
+    p.add_argument("--mqar-seed", type=int, default=None, metavar="S", help="mqar: the seed of every run (default 0)")
     p.add_argument("--runs-dir", type=Path, default=None, help="where the LM runs go (default: a temporary folder)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default benchmarks/results/compare_<cpu|cuda>[_quick].json)")
@@ -103,6 +106,10 @@ def main(argv=None):
             if (key == "max_steps" and value < 1) or (key != "max_steps" and len(set(value)) != len(value)):
                 p.error(f"--lm-{key.replace('max_', '')}: {value!r} (need >= 1 step, and no value twice)")
             S["lm"][key] = tuple(value) if key != "max_steps" else value
+    if args.mqar_d_models:
+        S["mqar"]["d_models"] = tuple(args.mqar_d_models)
+    if args.mqar_seed is not None:
+        S["mqar"]["seed"] = args.mqar_seed
     todo = args.only or EXPERIMENTS
     out = args.out or ROOT / "benchmarks" / "results" / f"compare_{'cuda' if cuda else 'cpu'}{'_quick' if args.quick else ''}.json"
     doc = dict(benchmark="compare", device=device_name(args.device), device_type="cuda" if cuda else "cpu",

@@ -3,6 +3,7 @@
     python benchmarks/train_step.py --device cuda                  # the 115M config, L = 2048 / 8192 / 16384
     python benchmarks/train_step.py --device cuda --compile        # also torch.compile(model) for both models
     python benchmarks/train_step.py --device cuda --profile 2048   # plus a torch.profiler table of one Mamba-2 step
+    python benchmarks/train_step.py --device cuda --cuda-graph     # also the whole step captured in one CUDA graph
     python benchmarks/train_step.py --quick                        # CPU smoke run (tiny model)
 
 One step = forward under bf16 autocast (fp32 on CPU) + cross-entropy + backward + fused AdamW, at a fixed number of
@@ -63,24 +64,75 @@ def step_fn(model, opt, x, amp_dtype, dev):
     return step
 
 
-def measure(name, build, L, batch, dev, amp_dtype, compile_, steps, warmup):
+def graphed_step_fn(model, opt, x, amp_dtype, dev, warmup=3):
+    """The step of step_fn captured once in a CUDA graph: each call replays it, one launch instead of thousands.
+    The warm-up steps run on a side stream (as torch.cuda.graph asks), and they train: the weights move."""
+    static_x = x.clone()
+
+    def body():
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False):
+            logits = model(static_x[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), static_x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        return loss
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            opt.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    opt.zero_grad(set_to_none=True)      # the captured backward then writes fresh gradients on every replay
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = body()
+
+    def step():
+        graph.replay()
+        return static_loss
+    return step
+
+
+def graph_matches_eager(build, L, batch, dev, amp_dtype, steps=6):
+    "Losses of the eager and the graphed step from the same start, step by step: the largest relative difference."
+    losses = {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = build().to(dev).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graphed)
+        x = torch.randint(0, model.config.vocab_size, (batch, L + 1), generator=torch.Generator().manual_seed(0)).to(dev)
+        if graphed:
+            step = graphed_step_fn(model, opt, x, amp_dtype, dev, warmup=3)
+            losses[graphed] = [float(step()) for _ in range(steps - 3)]
+        else:
+            step = step_fn(model, opt, x, amp_dtype, dev)
+            losses[graphed] = [float(step()) for _ in range(steps)][3:]
+        del model, opt
+    rel = max(abs(a - b) / abs(a) for a, b in zip(losses[False], losses[True]))
+    return dict(seq_len=L, batch=batch, eager=losses[False], graphed=losses[True], max_rel_diff=rel)
+
+
+def measure(name, build, L, batch, dev, amp_dtype, compile_, steps, warmup, graphed=False):
     "One row: median ms per step, tokens/s, peak memory. OOM is a result (row['oom'] = True)."
-    row = dict(model=name, seq_len=L, batch=batch, compiled=compile_, ms=None, tokens_per_s=None, peak_gib=None,
-               oom=False, first_step_s=None, loss=None)
+    row = dict(model=name, seq_len=L, batch=batch, compiled=compile_, graphed=graphed, ms=None, tokens_per_s=None,
+               peak_gib=None, oom=False, first_step_s=None, loss=None)
     model = opt = None
     try:
         torch.manual_seed(0)
         model = build().to(dev).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda", capturable=graphed)
         fwd = torch.compile(model, dynamic=False) if compile_ else model
         x = torch.randint(0, model.config.vocab_size, (batch, L + 1), generator=torch.Generator().manual_seed(0)).to(dev)
-        step = step_fn(fwd, opt, x, amp_dtype, dev)
+        if dev.type == "cuda" and graphed:        # the graph's private memory pool is filled while capturing
+            torch.cuda.reset_peak_memory_stats(dev)
         sync(dev); t0 = time.perf_counter()
+        step = (graphed_step_fn if graphed else step_fn)(fwd, opt, x, amp_dtype, dev)
         step()
         sync(dev); row["first_step_s"] = time.perf_counter() - t0
         for _ in range(max(0, warmup - 1)):
             step()
-        if dev.type == "cuda":
+        if dev.type == "cuda" and not graphed:
             torch.cuda.reset_peak_memory_stats(dev)
         times = []
         for _ in range(steps):
@@ -91,6 +143,7 @@ def measure(name, build, L, batch, dev, amp_dtype, compile_, steps, warmup):
         row.update(ms=ms, tokens_per_s=batch * L / ms * 1000, loss=float(loss))
         if dev.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+            row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(dev) / 2**30
     except torch.OutOfMemoryError:
         row["oom"] = True
     finally:
@@ -135,6 +188,8 @@ def main(argv=None):
                         "PyTorch conv and gated norm; mamba2_torch: chapter 05's PyTorch code throughout")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(model) (dynamic=False)")
     p.add_argument("--compile-lengths", type=int, nargs="+", default=None, help="lengths to compile at (default all)")
+    p.add_argument("--cuda-graph", action="store_true", help="also time the whole step captured in a CUDA graph")
+    p.add_argument("--graph-models", nargs="+", default=["mamba2", "transformer"], help="models to graph (default both)")
     p.add_argument("--profile", type=int, default=None, metavar="L", help="print a profiler table of one Mamba-2 step")
     p.add_argument("--profile-models", nargs="+", default=["mamba2"], help="models to profile (default mamba2)")
     p.add_argument("--steps", type=int, default=5)
@@ -143,6 +198,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_step_<device>.json)")
     args = p.parse_args(argv)
     cuda = setup_device(p, args)
+    if args.cuda_graph and not cuda:
+        p.error("--cuda-graph needs --device cuda (CUDA graphs are a CUDA feature)")
     dev = torch.device(args.device)
     amp = torch.bfloat16 if cuda else None
     mcfg = Mamba2Config(**(CONFIG_QUICK if args.quick else CONFIG_115M))
@@ -156,15 +213,25 @@ def main(argv=None):
                mamba2_config=mcfg.to_dict() if hasattr(mcfg, "to_dict") else vars(mcfg), transformer_config=vars(tcfg),
                params={k: sum(q.numel() for q in builders[k]().parameters()) for k in ("mamba2", "transformer")}, rows=[])
     for L in lengths:
-        for compile_ in ([False, True] if args.compile and (args.compile_lengths is None or L in args.compile_lengths)
-                         else [False]):
+        modes = [(False, False)] + [(True, False)] * (args.compile and (args.compile_lengths is None or L in args.compile_lengths))
+        for compile_, graphed in modes + [(False, True)] * args.cuda_graph:
             for name in args.models:
-                row = measure(name, builders[name], L, max(1, tokens // L), dev, amp, compile_, args.steps, args.warmup)
+                if graphed and name not in args.graph_models:
+                    continue
+                row = measure(name, builders[name], L, max(1, tokens // L), dev, amp, compile_, args.steps, args.warmup,
+                              graphed=graphed)
                 doc["rows"].append(row)
                 ms = "OOM" if row["oom"] else f"{row['ms']:8.1f} ms  {row['tokens_per_s']/1e3:7.1f}k tok/s"
                 mem = f"  {row['peak_gib']:.2f} GiB" if row["peak_gib"] else ""
-                print(f"{name:12s} L={L:6d} b={row['batch']:3d} {'compiled' if compile_ else 'eager   '}  {ms}{mem}"
+                mode = "compiled" if compile_ else "graphed " if graphed else "eager   "
+                print(f"{name:12s} L={L:6d} b={row['batch']:3d} {mode}  {ms}{mem}"
                       f"  (first step {row['first_step_s'] or 0:.1f} s)", flush=True)
+    if args.cuda_graph:
+        L = lengths[0]
+        doc["graph_check"] = {name: graph_matches_eager(builders[name], L, max(1, tokens // L), dev, amp)
+                              for name in args.graph_models}
+        for name, c in doc["graph_check"].items():
+            print(f"graph vs eager, {name} L={L}: losses {c['eager']} vs {c['graphed']}, max rel diff {c['max_rel_diff']:.2e}")
     if args.profile:
         doc["profile"] = {}
         for name in args.profile_models:
