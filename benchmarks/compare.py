@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -54,7 +55,7 @@ def settings(device_type: str, quick: bool) -> dict:
                        amp_dtype=torch.bfloat16),
             decode=dict(context_lens=(256, 1024, 4096, 8192, 16384, 32768), new_tokens=32, batch_size=8,
                         dtype=torch.bfloat16),
-            mqar=dict(d_models=(64, 128), d_states=(8, 16, 32, 64, 128), lrs=(1e-3, 3e-3), steps=1500, batch_size=64,
+            mqar=dict(d_models=(64, 128), d_states=(8, 16, 32, 64, 128), lrs=(1e-3, 3e-3), seeds=(0, 1, 2), steps=1500, batch_size=64,
                       num_kv_pairs=8, seq_len=64, vocab_size=64),
         )
     if quick:
@@ -78,6 +79,24 @@ def settings(device_type: str, quick: bool) -> dict:
     )
 
 
+def combine_mqar_seeds(results: list) -> dict:
+    """mqar_experiment results, one per seed, as one: a row per config whose 'accuracy' is the median over seeds,
+    with 'accuracy_per_seed' {seed: accuracy} beside it (the other fields are the first seed's)."""
+    rows = {}
+    for res in results:
+        for r in res["runs"]:
+            rows.setdefault((r["model"], r["d_model"], r["d_state"]), []).append((res["settings"]["seed"], r))
+    runs = []
+    for per_seed in rows.values():
+        row = dict(per_seed[0][1])
+        row["accuracy_per_seed"] = {str(seed): r["accuracy"] for seed, r in per_seed}
+        row["accuracy"] = statistics.median(row["accuracy_per_seed"].values())
+        runs.append(row)
+    settings = {k: v for k, v in results[0]["settings"].items() if k != "seed"}
+    settings["seeds"] = sorted({res["settings"]["seed"] for res in results})
+    return {"settings": settings, "runs": runs}
+
+
 def _mib(b):
     return "-" if b is None else f"{b / 2**20:9.1f}"
 
@@ -93,7 +112,8 @@ def main(argv=None):
     p.add_argument("--lm-steps", type=int, default=None, metavar="N", help="lm: training steps per run")
     p.add_argument("--mqar-d-models", type=int, nargs="+", default=None, metavar="D",
                    help="mqar: the widths swept (to split the grid over processes)")
-    p.add_argument("--mqar-seed", type=int, default=None, metavar="S", help="mqar: the seed of every run (default 0)")
+    p.add_argument("--mqar-seeds", type=int, nargs="+", default=None, metavar="S",
+                   help="mqar: seeds per config (on CUDA 0 1 2 by default); each row keeps the median and every seed's")
     p.add_argument("--runs-dir", type=Path, default=None, help="where the LM runs go (default: a temporary folder)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default benchmarks/results/compare_<cpu|cuda>[_quick].json)")
@@ -108,8 +128,8 @@ def main(argv=None):
             S["lm"][key] = tuple(value) if key != "max_steps" else value
     if args.mqar_d_models:
         S["mqar"]["d_models"] = tuple(args.mqar_d_models)
-    if args.mqar_seed is not None:
-        S["mqar"]["seed"] = args.mqar_seed
+    if args.mqar_seeds:
+        S["mqar"]["seeds"] = tuple(args.mqar_seeds)
     todo = args.only or EXPERIMENTS
     out = args.out or ROOT / "benchmarks" / "results" / f"compare_{'cuda' if cuda else 'cpu'}{'_quick' if args.quick else ''}.json"
     doc = dict(benchmark="compare", device=device_name(args.device), device_type="cuda" if cuda else "cpu",
@@ -182,13 +202,15 @@ def main(argv=None):
         save()
     if "mqar" in todo:
         t0 = time.perf_counter()
-        mq = C.mqar_experiment(device=args.device, progress=False, **S["mqar"])
+        kw = {k: v for k, v in S["mqar"].items() if k != "seeds"}
+        mq = combine_mqar_seeds([C.mqar_experiment(device=args.device, progress=False, seed=seed, **kw)
+                                 for seed in S["mqar"].get("seeds", (0,))])
         doc["experiments"]["mqar"] = mq
         doc["seconds"]["mqar"] = time.perf_counter() - t0
         print("\nMQAR accuracy (best lr)")
         for r in mq["runs"]:
             print(f"  {r['model']:<12} d_model {r['d_model']:>4} d_state {str(r['d_state']):>4} state {r['state_numbers']:>8,}: "
-                  f"acc {r['accuracy']:.3f}")
+                  f"acc {r['accuracy']:.3f} (median; per seed " + ", ".join(f"{a:.3f}" for a in r['accuracy_per_seed'].values()) + ")")
         save()
     save()
     print(f"\nwrote {out}")

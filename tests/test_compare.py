@@ -182,3 +182,17 @@ def test_benchmark_lm_flags_refuse_bad_values(flags, capsys):
     with pytest.raises(SystemExit) as e:
         _compare_script().main(flags + ["--out", "/nonexistent/never-written.json"])
     assert e.value.code == 2 and "--lm-" in capsys.readouterr().err
+
+
+def test_benchmark_combines_mqar_seeds_into_medians():
+    "Per-seed MQAR results become one row per config: the median accuracy, and every seed's beside it."
+    def result(seed, accs):
+        return {"settings": {"seed": seed, "steps": 10},
+                "runs": [{"model": "mamba2", "d_model": 64, "d_state": n, "accuracy": a} for n, a in zip((8, 32), accs)]
+                + [{"model": "transformer", "d_model": 64, "d_state": None, "accuracy": accs[0] / 2}]}
+    mq = _compare_script().combine_mqar_seeds([result(0, (0.2, 0.9)), result(1, (0.3, 0.2)), result(2, (0.1, 0.95))])
+    assert mq["settings"] == {"steps": 10, "seeds": [0, 1, 2]}
+    acc = {(r["model"], r["d_state"]): r["accuracy"] for r in mq["runs"]}
+    assert acc == {("mamba2", 8): 0.2, ("mamba2", 32): 0.9, ("transformer", None): 0.1}
+    row = next(r for r in mq["runs"] if r["d_state"] == 32)
+    assert row["accuracy_per_seed"] == {"0": 0.9, "1": 0.2, "2": 0.95}
