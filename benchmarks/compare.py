@@ -1,9 +1,11 @@
-"""Mamba-2 vs a parameter-matched Transformer++ (chapter 08): the five experiments of snakes_lib.compare in one
-command. Prints tables, writes benchmarks/results/compare_<device>[_quick].json (the chapter plots it).
+"""Mamba-2 vs a parameter-matched Transformer++ (chapters 08b and 08c): the five experiments of snakes_lib.compare
+and snakes_lib.mqar in one command. Prints tables, writes benchmarks/results/compare_<device>[_quick].json (the
+chapters plot it).
 
     python benchmarks/compare.py --quick          # CPU, tiny settings (a few minutes on 2 idle cores)
     python benchmarks/compare.py                  # CPU, larger settings (~6 min on 2 idle cores)
     python benchmarks/compare.py --device cuda    # one GPU, ~12 min on an H100; writes compare_cuda.json
+    python benchmarks/compare.py --device cuda --only mqar   # chapter 08c's grid again; the file keeps the rest
     python benchmarks/compare.py --only lm --lm-seeds 0 1 2 --lm-lrs 1e-3 3e-3 1e-2 3e-2 1e-1 --lm-steps 200 \
         --threads 1 --out benchmarks/results/compare_lm_sweep_cpu.json   # chapter 08b's LM sweep: 30 runs, ~27 CPU-minutes
 
@@ -11,7 +13,8 @@ Experiments (--only picks some): lm (val loss vs tokens, a learning-rate sweep p
 seeds (--lm-seeds; on CUDA 3 seeds x 5 rates by default), snakes_lib.train),
 train (step time and memory vs sequence length at fixed tokens per step), decode (time per token and cache bytes vs
 context length, crossovers), mqar (associative recall accuracy vs width and state size), story (the Maia prompt,
-continued by the best LM run of each model).
+continued by the best LM run of each model). With --only, an existing output file keeps its other experiments;
+`provenance` records the device, torch and date of each experiment's run.
 
 Timing: median of the timed steps after warm-up; torch.cuda.synchronize() around each on CUDA. Memory: CUDA
 max_memory_allocated (GPU only) and the bytes of tensors autograd saves for backward (any device).
@@ -37,6 +40,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import torch  # noqa: E402
 
 from snakes_lib import compare as C  # noqa: E402
+from snakes_lib import mqar as M  # noqa: E402
+from snakes_lib.utils import atomic_write_text  # noqa: E402
 from snakes_lib.model import Mamba2Config  # noqa: E402
 from _common import device_name, setup_device  # noqa: E402  (benchmarks/ is on sys.path)
 
@@ -97,6 +102,23 @@ def combine_mqar_seeds(results: list) -> dict:
     return {"settings": settings, "runs": runs}
 
 
+def keep_others(doc: dict, old: dict, todo, out: Path) -> None:
+    """--only: carry the experiments this run does not redo over from the existing file `old` (with their settings,
+    seconds and provenance; files from before provenance get the old file's device, torch and date)."""
+    if old.get("device_type") != doc["device_type"]:
+        raise SystemExit(f"{out} holds {old.get('device_type')} results; this run is {doc['device_type']}: "
+                         "pass --out to write elsewhere")
+    kept = [k for k in old.get("experiments", {}) if k not in todo]
+    for k in kept:
+        doc["experiments"][k] = old["experiments"][k]
+        for key in ("settings", "seconds"):
+            if k in old.get(key, {}):
+                doc[key][k] = old[key][k]
+        doc["provenance"][k] = old.get("provenance", {}).get(k) or {f: old.get(f) for f in ("device", "torch", "date")}
+    if kept:
+        print(f"keeping {', '.join(kept)} from {out} (--only {' '.join(todo)})")
+
+
 def _mib(b):
     return "-" if b is None else f"{b / 2**20:9.1f}"
 
@@ -138,11 +160,14 @@ def main(argv=None):
                loadavg_before=os.getloadavg() if hasattr(os, "getloadavg") else None,
                settings=json.loads(json.dumps(S, default=str)), experiments={}, seconds={})
     print(f"Mamba-2 vs Transformer++ on {doc['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    doc["provenance"] = {k: {f: doc[f] for f in ("device", "torch", "date")} for k in todo}
+    if args.only and out.exists():
+        keep_others(doc, json.loads(out.read_text()), todo, out)
 
     def save():
         out.parent.mkdir(parents=True, exist_ok=True)
         doc["loadavg_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-        out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        atomic_write_text(out, json.dumps(doc, indent=1, default=str) + "\n")
 
     runs_dir = args.runs_dir or Path(tempfile.mkdtemp(prefix="snakes-compare-"))
     bench_cfg = Mamba2Config(**S["bench_model"])
@@ -192,7 +217,7 @@ def main(argv=None):
         print(f"  the Mamba-2 state is smaller than the KV cache from {r0['crossover_context_len']} tokens (analytic), "
               f"measured from {cross['smaller_cache_from']}; decoding faster from {cross['faster_decoding_from']}")
         save()
-    if "story" in todo and "lm" in doc["experiments"]:
+    if "story" in todo and "lm" in todo:                 # the LM runs of this invocation (their folders exist)
         t0 = time.perf_counter()
         best = {k: v["run_dir"] for k, v in doc["experiments"]["lm"]["best"].items()}
         doc["experiments"]["story"] = C.continue_story(best, device=args.device)
@@ -203,7 +228,7 @@ def main(argv=None):
     if "mqar" in todo:
         t0 = time.perf_counter()
         kw = {k: v for k, v in S["mqar"].items() if k != "seeds"}
-        mq = combine_mqar_seeds([C.mqar_experiment(device=args.device, progress=False, seed=seed, **kw)
+        mq = combine_mqar_seeds([M.mqar_experiment(device=args.device, progress=False, seed=seed, **kw)
                                  for seed in S["mqar"].get("seeds", (0,))])
         doc["experiments"]["mqar"] = mq
         doc["seconds"]["mqar"] = time.perf_counter() - t0

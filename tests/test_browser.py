@@ -5,7 +5,7 @@ For each chapter with an `interactive` widget, on a temporary copy of the notebo
    widget cell shows a static picture (or a note) until the kernel runs;
 2. Run All (the Run menu) executes every cell without an error, with the chapter's small papermill-style parameters;
 3. every control of the widget is moved in the browser (the first slider dragged with the mouse, the others with the
-   keyboard, dropdowns picked): the output redraws, the callback ran with the value the browser shows (read back from
+   keyboard, dropdowns picked; a SelectionSlider's options checked by value): the output redraws, the callback ran with the value the browser shows (read back from
    the kernel), and no traceback appears; sliders that re-measure (chapter 03) update only when let go, and say
    "measuring…" meanwhile;
 4. each slider's track is wide enough that one pixel moves at most one step.
@@ -55,8 +55,8 @@ CHAPTERS = {
                                                  timing_lengths=[16, 64])),
     "08b_mamba_vs_transformer.ipynb": Chapter("state_widget", dict(
         lm_steps=2, lm_lrs=[1e-2], lm_batch_size=2, lm_seq_len=32, lm_eval_every=1, story_tokens=4,
-        train_seq_lens=[128, 256], train_tokens_per_step=256, decode_context_lens=[16, 32], decode_new_tokens=2,
-        mqar_d_models=[16], mqar_d_states=[4], mqar_steps=2)),
+        train_seq_lens=[128, 256], train_tokens_per_step=256, decode_context_lens=[16, 32], decode_new_tokens=2)),
+    "08c_mqar.ipynb": Chapter("mqar_widget", dict(mqar_d_models=[16], mqar_d_states=[4], mqar_steps=2)),
 }
 
 
@@ -243,7 +243,8 @@ def probe(widget: str) -> str:
         "'result': {k: v for k, v in (W.result if isinstance(W.result, dict) else {}).items() "
         "if isinstance(v, (bool, int, float, str))}, "
         "'outputs': [o.get('output_type') for o in W.out.outputs], "
-        "'controls': [(c._kwarg, c.description, getattr(c, 'continuous_update', None), getattr(c, 'step', None)) "
+        "'controls': [(c._kwarg, c.description, getattr(c, 'continuous_update', None), getattr(c, 'step', None), "
+        "list(c._options_labels) if type(c).__name__ == 'SelectionSlider' else None) "
         f"for c in W.kwargs_widgets if hasattr(c, 'description')]}})({widget})")
 
 
@@ -276,6 +277,16 @@ def _wait_for(cond, what: str, timeout: float = REDRAW_TIMEOUT_S, every: float =
 
 def _same(a, b) -> bool:
     return a == b if isinstance(a, str) or isinstance(b, str) else abs(float(a) - float(b)) < 1e-9
+
+
+def _option(labels: list[str], index: float):
+    "A SelectionSlider's value at track position `index` (its handle moves over the options' indices): the option's "
+    "label, as a number where it is one (the kernel's value is the option itself)."
+    label = labels[round(index)]
+    try:
+        return float(label)
+    except ValueError:
+        return label
 
 
 @pytest.mark.browser
@@ -359,7 +370,7 @@ def _move_every_control(page, kernel: Kernel, cell, ch: Chapter, name: str):
     assert stale == 0, f"{name}: the widget cell shows {stale} picture(s) beside the live widget, which go stale"
     state = kernel.eval(probe(ch.widget))
     assert state["outputs"] and "error" not in state["outputs"], f"{name}: widget output after Run All: {state['outputs']}"
-    controls = {desc: (kw, cu, step) for kw, desc, cu, step in state["controls"]}
+    controls = {desc: (kw, cu, step, labels) for kw, desc, cu, step, labels in state["controls"]}
     status = cell.locator(".widget-html").first if ch.status else None
     if status is not None:
         status.evaluate(JS_WATCH_STATUS)
@@ -372,7 +383,8 @@ def _move_every_control(page, kernel: Kernel, cell, ch: Chapter, name: str):
     for j, drag in [(j, False) for j in range(sliders.count())] + [(0, True)]:
         s = sliders.nth(j)
         desc = s.locator(".widget-label").text_content()
-        kw, cont, step = controls[desc]
+        kw, cont, step, labels = controls[desc]
+        step = 1 if labels else step          # a SelectionSlider's track runs over its options' indices
         handle, track = s.locator(".noUi-handle"), s.locator(".noUi-target")
         s.scroll_into_view_if_needed()
         lo, hi = track.evaluate(JS_SLIDER_RANGE)
@@ -387,7 +399,7 @@ def _move_every_control(page, kernel: Kernel, cell, ch: Chapter, name: str):
         if drag:       # drag the handle a third of the track towards the far end, then let go
             box = handle.bounding_box()
             x0, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-            dx = width / 3 * (1 if (old_value - lo) < (hi - lo) / 2 else -1)
+            dx = max(width / 3, 1.2 * width * step / (hi - lo)) * (1 if (old_value - lo) < (hi - lo) / 2 else -1)  # >= a step
             page.mouse.move(x0, y)
             page.mouse.down()
             for k in range(1, 11):
@@ -404,9 +416,12 @@ def _move_every_control(page, kernel: Kernel, cell, ch: Chapter, name: str):
         new_value = track.evaluate(JS_SLIDER_VALUE)
         assert new_value != old_value, f"{name}: slider {desc!r} did not move"
         _wait_for(lambda: _output_fingerprint(interact) != old_out, f"{name}: the output to redraw after {desc!r}")
-        _check_callback_ran_with(kernel, ch, name, {kw: new_value}, status)
+        _check_callback_ran_with(kernel, ch, name, {kw: _option(labels, new_value) if labels else new_value}, status)
         readout = s.locator(".widget-readout").text_content()
-        assert _same(float(readout), new_value), f"{name}: {desc!r} reads {readout}, its handle is at {new_value}"
+        if labels:
+            assert readout == labels[round(new_value)], f"{name}: {desc!r} reads {readout}, its handle is at option {new_value}"
+        else:
+            assert _same(float(readout), new_value), f"{name}: {desc!r} reads {readout}, its handle is at {new_value}"
         if status is not None:
             seen = page.evaluate("() => window.__status")
             assert any("measuring" in t for t in seen), f"{name}: no 'measuring…' while {desc!r} re-measured: {seen}"

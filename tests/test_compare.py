@@ -1,13 +1,13 @@
-"""Tests for snakes_lib.compare: the MQAR generator, the state-size arithmetic (widget callback), and the
-experiment functions at tiny settings (they must return well-formed, JSON-serializable data)."""
+"""Tests for snakes_lib.compare: the state-size arithmetic (widget callback), out of memory as a result, and the
+experiment functions at tiny settings (they must return well-formed, JSON-serializable data). MQAR: test_mqar.py."""
 import json
 
 import pytest
 import torch
 
-from snakes_lib.compare import (IGNORE_INDEX, analytic_cache_bytes, crossovers, decode_benchmark, kv_cache_numbers,
-                                lm_summary, mamba2_state_numbers, matched_pair, mqar_batch, mqar_experiment, state_size_report,
-                                train_mqar, train_step_benchmark)
+import snakes_lib.compare as compare
+from snakes_lib.compare import (analytic_cache_bytes, crossovers, decode_benchmark, lm_summary, matched_pair,
+                                oom_is_a_result, state_size_report, train_step_benchmark)
 from snakes_lib.model import Mamba2Config
 from snakes_lib.transformer import TransformerConfig, matched_transformer_config
 
@@ -15,49 +15,6 @@ from snakes_lib.transformer import TransformerConfig, matched_transformer_config
 def tiny_pair():
     mc = Mamba2Config(d_model=32, n_layer=2, d_state=8, headdim=16, vocab_size=64, chunk_size=16)
     return {"mamba2": mc, "transformer": matched_transformer_config(mc)}
-
-
-# -- MQAR -----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n, q, L, V", [(1, 1, 3, 2), (4, 4, 16, 16), (8, 3, 41, 40), (16, 16, 64, 64)])
-def test_mqar_batch_structure(n, q, L, V):
-    g = torch.Generator().manual_seed(n + L)
-    inp, tgt = mqar_batch(17, num_kv_pairs=n, seq_len=L, vocab_size=V, num_queries=q, generator=g)
-    assert inp.shape == tgt.shape == (17, L) and inp.dtype == tgt.dtype == torch.int64
-    assert inp.min() >= 0 and inp.max() < V
-    keys, vals = inp[:, 0:2 * n:2], inp[:, 1:2 * n:2]
-    assert (keys < V // 2).all() and (vals >= V // 2).all(), "keys and values from disjoint ranges"
-    assert all(len(set(r.tolist())) == n for r in keys), "distinct keys within a sequence"
-    mask = tgt != IGNORE_INDEX
-    assert (mask.sum(1) == q).all() and not mask[:, :2 * n].any(), "q answer positions, all after the pairs"
-    for b, t in mask.nonzero().tolist():
-        row = keys[b].tolist()
-        assert inp[b, t].item() in row, "every query is one of the keys"
-        assert tgt[b, t] == vals[b, row.index(inp[b, t].item())], "its target is that key's value"
-    queried = [inp[b][mask[b]].tolist() for b in range(17)]
-    assert all(len(set(r)) == q for r in queried), "each query asks a different key"
-
-
-def test_mqar_batch_seeded_and_errors():
-    a = mqar_batch(4, generator=torch.Generator().manual_seed(1))
-    b = mqar_batch(4, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    with pytest.raises(ValueError, match="vocab_size"):
-        mqar_batch(2, num_kv_pairs=9, vocab_size=16)
-    with pytest.raises(ValueError, match="seq_len"):
-        mqar_batch(2, num_kv_pairs=8, seq_len=20)
-    with pytest.raises(ValueError, match="num_queries"):
-        mqar_batch(2, num_kv_pairs=4, num_queries=5)
-
-
-def test_train_mqar_and_experiment_rows():
-    mc = Mamba2Config(d_model=16, n_layer=1, d_state=4, headdim=8, vocab_size=16, chunk_size=16)
-    r = train_mqar(mc, steps=3, batch_size=4, num_kv_pairs=2, seq_len=8, vocab_size=16, eval_size=8)
-    assert r["model"] == "mamba2" and 0 <= r["accuracy"] <= 1 and r["state_numbers"] == sum(mamba2_state_numbers(mc).values())
-    mq = mqar_experiment(d_models=(16,), d_states=(4,), steps=2, batch_size=4, num_kv_pairs=2, seq_len=8, vocab_size=16,
-                         progress=False)
-    assert [x["model"] for x in mq["runs"]] == ["mamba2", "transformer"]
-    assert mq["runs"][1]["state_numbers"] == kv_cache_numbers({"n_layer": 2, "d_model": 16}, 8)
-    json.dumps(mq)
 
 
 # -- state sizes and the widget callback ---------------------------------------------------------------------------
@@ -104,6 +61,72 @@ def test_train_step_and_decode_benchmarks_tiny():
     c = crossovers(dec)
     assert set(c) == {"smaller_cache_from", "faster_decoding_from"}
     json.dumps({"train": rows, "decode": dec, "crossovers": c})
+
+
+class FakeOOM(RuntimeError):
+    "What CUDA raises when an allocation fails, as a plain RuntimeError (older PyTorch)."
+    def __init__(self):
+        super().__init__("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_oom_is_a_result_marks_the_row_and_drops_what_it_held():
+    import weakref
+    row, dead = {"model": "mamba2", "oom": False}, set()
+    with oom_is_a_result(row, dead, "cpu") as held:
+        held["model"] = torch.nn.Linear(8, 8)
+        ref = weakref.ref(held["model"])
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    assert row["oom"] is True and dead == {"mamba2"} and held == {} and ref() is None
+    row2 = {"model": "transformer", "oom": False}
+    with oom_is_a_result(row2, dead, "cpu") as held:
+        raise FakeOOM()                                   # matched by its message too
+    assert row2["oom"] and dead == {"mamba2", "transformer"}
+    row3 = {"model": "mamba2", "oom": False}
+    with oom_is_a_result(row3, set(), "cpu") as held:     # no error: nothing marked, still cleaned up
+        held["x"] = torch.zeros(3)
+    assert row3["oom"] is False and held == {}
+
+
+def test_oom_is_a_result_lets_other_errors_through():
+    row, dead = {"model": "mamba2", "oom": False}, set()
+    with pytest.raises(ValueError, match="bad shape"):
+        with oom_is_a_result(row, dead, "cpu") as held:
+            held["model"] = torch.nn.Linear(2, 2)
+            raise ValueError("bad shape")
+    assert row["oom"] is False and dead == set() and held == {}
+
+
+def test_benchmarks_record_oom_and_skip_the_model_afterwards(monkeypatch):
+    pair = tiny_pair()
+    real_step = compare._time_train_step
+
+    def step(model, x, *a, **k):                          # the Transformer runs out of memory at length 32 ...
+        if type(model).__name__ == "TransformerLM" and x.shape[1] == 33:
+            raise FakeOOM()
+        return real_step(model, x, *a, **k)
+
+    monkeypatch.setattr(compare, "_time_train_step", step)
+    rows = train_step_benchmark(pair, seq_lens=(16, 32, 64), tokens_per_step=64, steps=1, warmup=0, progress=False)
+    oom = {(r["model"], r["seq_len"]): r["oom"] for r in rows}
+    assert oom == {("mamba2", 16): False, ("transformer", 16): False, ("mamba2", 32): False, ("transformer", 32): True,
+                   ("mamba2", 64): False, ("transformer", 64): True}      # ... and is not tried again at 64
+    assert all(r["ms_per_step"] is None for r in rows if r["oom"]) and all(r["ms_per_step"] > 0 for r in rows if not r["oom"])
+
+    real_nbytes = compare.cache_nbytes
+
+    def nbytes(cache):                                     # decoding: the Mamba-2 state "fails" at context 64 ...
+        if not hasattr(cache, "used_nbytes") and cache.seqlen_offset == 64:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_nbytes(cache)
+
+    monkeypatch.setattr(compare, "cache_nbytes", nbytes)
+    dec = decode_benchmark(pair, context_lens=(8, 64, 128), new_tokens=1, warmup=0, progress=False)
+    assert [(r["model"], r["context_len"]) for r in dec if r["oom"]] == [("mamba2", 64), ("mamba2", 128)]  # ... skipped at 128
+    assert all(r["cache_bytes"] is None for r in dec if r["oom"])
+
+    monkeypatch.setattr(compare, "_time_train_step", lambda *a, **k: 1 / 0)     # any other error: raised
+    with pytest.raises(ZeroDivisionError):
+        train_step_benchmark(pair, seq_lens=(16,), tokens_per_step=64, progress=False)
 
 
 def test_crossovers_logic():
