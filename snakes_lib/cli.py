@@ -65,6 +65,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "of seed, step and rank; the default under torchrun); fixed when a run starts",
         "doc_reset": "packed documents: each one read as if alone, the state reset at <|endoftext|> (default on; "
                      "--no-doc-reset reads across them, as runs from before this option did); fixed when a run starts",
+        "cuda_graph": "record each optimizer step as one CUDA graph and replay it (CUDA, one process, bf16 or "
+                      "fp32; no --compile): the GPU no longer waits for Python to launch kernels",
         "batch_size": "micro-batch per process (under torchrun the global batch is this x --grad-accum x ranks)",
     }
     for f in dataclasses.fields(TrainConfig):
@@ -170,8 +172,13 @@ def cmd_train(args) -> int:
         print(f"preset {cfg.preset}: model {cfg.model_size} ({cfg.model_type}), micro-batch {cfg.batch_size} x "
               f"{cfg.grad_accum} accumulation x {cfg.seq_len} tokens, precision {cfg.precision}, "
               f"activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}, "
+              f"CUDA graph {'on' if cfg.cuda_graph else 'off'}, "
               f"chunked CE {'on' if cfg.chunked_ce else 'off'} -> {cfg.out}", flush=True)
-    res = train(cfg, trainer_class=ParallelTrainer)
+    if cfg.cuda_graph:                   # chapter 10d: one process, the step recorded as a CUDA graph
+        from snakes_lib.graph_train import GraphedTrainer
+        res = train(cfg, trainer_class=GraphedTrainer)
+    else:
+        res = train(cfg, trainer_class=ParallelTrainer)
     if main_rank:
         _print_result(res)
     return 130 if res.stop_reason == "interrupted" else 0

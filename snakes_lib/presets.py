@@ -136,6 +136,7 @@ class TrainConfig(_DictRoundTrip):
     chunked_ce: bool = False          # cross-entropy in row chunks, never all logits at once
     ce_chunk_rows: int = 1024         # rows per chunk: 1024 x 28k vocab x 10 bytes = 0.3 GB at a time
     compile: bool = False             # torch.compile the model
+    cuda_graph: bool = False          # record each optimizer step as one CUDA graph (chapter 10d; CUDA, one process)
     # evaluation, early stopping, checkpoints, logging
     eval_every: int = 50              # optimizer steps; 0 = never
     eval_batches: int = 8

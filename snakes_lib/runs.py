@@ -336,7 +336,7 @@ class _StateMixin:
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "best_val": self.best_val, "best_step": self.best_step,
                 "last_val": self.last_val, "last_eval_step": self.last_eval_step, "bad_evals": self.bad_evals, "elapsed_s": self._elapsed,
-                "lr": self.optimizer.param_groups[0]["lr"], "precision": self.precision,
+                "lr": float(self.optimizer.param_groups[0]["lr"]), "precision": self.precision,
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "tokenizer_fingerprint": self.tokenizer.fingerprint,
                 "corpus_fingerprint": getattr(self.data, "corpus_fingerprint", None),

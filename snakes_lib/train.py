@@ -381,7 +381,7 @@ class _AfterStepMixin:
         window.append(loss)
         tps = cfg.tokens_per_step * self.world_size / max(dt, 1e-9)
         if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-            self._write_metrics({"step": self.step, "train_loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+            self._write_metrics({"step": self.step, "train_loss": loss, "lr": float(self.optimizer.param_groups[0]["lr"]),
                                  "tokens": self.tokens, "tokens_per_s": round(tps, 1),
                                  "mem_gb": round(_memory_gb(self.device), 3)})
         bar.update(1)
@@ -441,6 +441,10 @@ class Trainer(_RunFolderMixin, _KeptMixin, _SetupMixin, _ResumeMixin, _DataModel
     samplers = ("stream",)                      # how batches are drawn: one random stream (see TrainConfig.sampler)
 
     def __init__(self, cfg: TrainConfig, callbacks: Iterable[Callable[["Trainer"], None]] = ()):
+        if cfg.cuda_graph and not getattr(self, "captures_step", False):
+            raise ValueError(f"cuda_graph=True needs a trainer that records the step as a CUDA graph "
+                             f"(snakes_lib.graph_train.GraphedTrainer, which train() and `snakes train` pick), "
+                             f"not {type(self).__name__}")
         self.cfg = cfg
         self.callbacks = list(callbacks)
         self.run_dir = Path(cfg.out)
@@ -491,4 +495,7 @@ def train(cfg: Optional[TrainConfig] = None, callbacks: Iterable[Callable] = (),
         cfg = resolve_preset(overrides.pop("preset", "auto"), **overrides)
     else:
         cfg = cfg.replace(**overrides)
+    if cfg.cuda_graph and trainer_class is None:     # chapter 10d's trainer records each step as a CUDA graph
+        from snakes_lib.graph_train import GraphedTrainer
+        trainer_class = GraphedTrainer
     return (trainer_class or Trainer)(cfg, callbacks).fit()
