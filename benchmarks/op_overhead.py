@@ -116,9 +116,14 @@ def real_paths():
     from snakes_lib import fused_block as FB
     from snakes_lib.model import GatedRMSNorm
 
-    def module(y, z, w, _m={}):
-        m = _m.setdefault(y.device, GatedRMSNorm(y.shape[-1], y.shape[-1]).to(y.device))
-        return m(y, z)
+    made = {}
+
+    def module(y, z, w):
+        if "m" not in made:                                   # one module, its weight the inputs' w
+            made["m"] = GatedRMSNorm(y.shape[-1], y.shape[-1]).to(y.device)
+            with torch.no_grad():
+                made["m"].weight.copy_(w)
+        return made["m"](y, z)
     return {"real custom_op": lambda y, z, w: FB._norm_fwd_op(y, z, w, y.shape[-1], EPS)[0],
             "real eager_autograd": lambda y, z, w: FB._norm_call(y, z, w, y.shape[-1], EPS)[0],
             "real aten (chapter 05)": module}

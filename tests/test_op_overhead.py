@@ -56,3 +56,17 @@ def test_bad_flags_are_refused(capsys):
     with pytest.raises(SystemExit) as e:
         _script().main(["--calls", "0", "--out", "/nonexistent/never-written.json"])
     assert e.value.code == 2 and "--calls" in capsys.readouterr().err
+
+
+def test_the_real_ops_agree_with_chapter_05s_norm():
+    "The CUDA-only paths (chapter 10's kernels), run here in Triton's interpreter when there is no GPU."
+    import os
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+    mod = _script()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(2)
+    ins = [torch.randn(4, 64, generator=g).to(dev) for _ in range(2)] + [(1 + 0.1 * torch.randn(64, generator=g)).to(dev)]
+    paths = mod.real_paths()
+    mod.check_agree(paths, ins, 1e-4)
+    mod.check_agree({"aten": mod.norm_aten, **paths}, ins, 1e-4)
