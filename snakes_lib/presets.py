@@ -247,7 +247,7 @@ class VramPreset:
     parallel: str = "ddp"             # under torchrun: the large models shard (FSDP), leaving memory to activations
 
 # A GPU preset trains without per-block activation checkpointing (which recomputes every block in the backward, for
-# 15-30% fewer tokens per second) when `estimate_memory` of the model's GPU path (chapters 09-10's Triton kernels)
+# 12-30% fewer tokens per second on an H200) when `estimate_memory` of the model's GPU path (chapters 09-10's Triton kernels)
 # without it stays within this fraction of the budget: the rest is for the estimate's error (~15%), the CUDA
 # context, the allocator's slack and a desktop. Section 4 derives the estimate and checks it against measurements.
 NO_CKPT_MAX_FRACTION = 2 / 3
