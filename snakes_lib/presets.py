@@ -22,10 +22,11 @@ from .model import mamba2_num_parameters
 from .utils import pick_device
 
 # %% auto #0
-__all__ = ['REFERENCE_VOCAB', 'MODEL_SIZES', 'SIZE_TARGETS', 'SCHEDULES', 'RESUME_FIXED', 'RESUME_MAY_CHANGE', 'VRAM_PRESETS',
-           'PRESET_NAMES', 'detect_device', 'ModelSize', 'count_parameters', 'TrainConfig', 'ResumeConflictError',
-           'wsd_decay_start', 'resume_config', 'VramPreset', 'device_memory_gb', 'pick_preset', 'resolve_precision',
-           'resolve_preset', 'check_model_config', 'model_config_for', 'estimate_memory']
+__all__ = ['REFERENCE_VOCAB', 'MODEL_SIZES', 'SIZE_TARGETS', 'SCHEDULES', 'RESUME_FIXED', 'RESUME_MAY_CHANGE',
+           'NO_CKPT_MAX_FRACTION', 'VRAM_PRESETS', 'PRESET_NAMES', 'detect_device', 'ModelSize', 'count_parameters',
+           'TrainConfig', 'ResumeConflictError', 'wsd_decay_start', 'resume_config', 'VramPreset', 'device_memory_gb',
+           'pick_preset', 'resolve_precision', 'resolve_preset', 'check_model_config', 'model_config_for',
+           'estimate_memory', 'saved_tensor_bytes', 'triton_block_bytes']
 
 # %% ../notebooks/06a_presets.ipynb #b5e0310f
 @dataclass(frozen=True)
@@ -246,20 +247,24 @@ class VramPreset:
     note: str = ""
     parallel: str = "ddp"             # under torchrun: the large models shard (FSDP), leaving memory to activations
 
+# A GPU preset trains without per-block activation checkpointing (which recomputes every block in the backward, for
+# 12-30% fewer tokens per second on an H200) when `estimate_memory` of the model's GPU path (chapters 09-10's Triton kernels)
+# without it stays within this fraction of the budget: the rest is for the estimate's error (~15%), the CUDA
+# context, the allocator's slack and a desktop. Section 4 derives the estimate and checks it against measurements.
+NO_CKPT_MAX_FRACTION = 2 / 3
+
 VRAM_PRESETS: dict[str, VramPreset] = {
-    # Micro-batches are sized so that `estimate_memory` stays near 40% of the budget (the estimate is rough, the
-    # allocator fragments, and the desktop needs some); `benchmarks/memory.py` measures the real peak on a GPU.
-    # Every GPU preset turns on per-block activation checkpointing and chunked cross-entropy: they cost ~30% more
-    # compute and cut activation memory ~10x, which buys a bigger model or a longer training length.
+    # Every GPU preset uses chunked cross-entropy; 24gb and 48gb keep block checkpointing (without it their estimate
+    # is ~75% of the budget), 80gb halves its micro-batch to train without it. `benchmarks/memory.py` measures them.
     # name     budget  size     micro accum  len   ckpt   chunkCE vocab   lr
     "cpu":  VramPreset(None, "tiny",   16,  1,  128, False, False,  2048, 3e-3, "a laptop: tiny model, fp32"),
-    "8gb":  VramPreset(8,    "small",  32,  2,  512, True,  True,   8192, 6e-4, "e.g. RTX 3070/4060"),
-    "12gb": VramPreset(12,   "small",  16,  4, 1024, True,  True,   8192, 6e-4, "e.g. RTX 3060 12GB/4070"),
-    "16gb": VramPreset(16,   "medium", 32,  2,  512, True,  True,   8192, 4e-4, "e.g. RTX 4080, T4, V100-16"),
+    "8gb":  VramPreset(8,    "small",  32,  2,  512, False, True,   8192, 6e-4, "e.g. RTX 3070/4060"),
+    "12gb": VramPreset(12,   "small",  16,  4, 1024, False, True,   8192, 6e-4, "e.g. RTX 3060 12GB/4070"),
+    "16gb": VramPreset(16,   "medium", 32,  2,  512, False, True,   8192, 4e-4, "e.g. RTX 4080, T4, V100-16"),
     "24gb": VramPreset(24,   "medium", 32,  2, 1024, True,  True,   8192, 4e-4, "e.g. RTX 3090/4090, A10"),
-    "32gb": VramPreset(32,   "medium", 16,  4, 2048, True,  True,   8192, 4e-4, "e.g. V100-32, RTX 5090"),
+    "32gb": VramPreset(32,   "medium", 16,  4, 2048, False, True,   8192, 4e-4, "e.g. V100-32, RTX 5090"),
     "48gb": VramPreset(48,   "large",  32,  2, 1024, True,  True,  16384, 3e-4, "e.g. A6000, L40S", "fsdp"),
-    "80gb": VramPreset(80,   "large",  32,  2, 2048, True,  True,  16384, 3e-4, "e.g. A100/H100 80GB", "fsdp"),
+    "80gb": VramPreset(80,   "large",  16,  4, 2048, False, True,  16384, 3e-4, "e.g. A100/H100 80GB", "fsdp"),
 }
 PRESET_NAMES = list(VRAM_PRESETS) + ["auto"]
 
@@ -352,28 +357,53 @@ def model_config_for(cfg: TrainConfig, vocab_size: int) -> dict:
     return d
 
 # %% ../notebooks/06a_presets.ipynb #6322f2be
+def _kernels_for(s: ModelSize, device: str) -> str:
+    """The code `Mamba2LM(kernels="auto")` runs for size `s` on `device`: chapters 09-10's Triton kernels on a CUDA GPU
+    when the shapes suit them (the checks of `ssd_triton.triton_unsupported_reason` and
+    `fused_block.fused_unsupported_reason`), else chapter 05's PyTorch. On paper: CUDA builds of PyTorch bring triton."""
+    fits = (s.chunk_size in (16, 32, 64, 128, 256) and s.headdim <= 128 and s.d_state <= 256
+            and s.expand * s.d_model // s.ngroups <= 16384)
+    return "triton" if device.startswith("cuda") and fits else "torch"
+
+
 def estimate_memory(size: ModelSize | str, vocab_size: int, batch_size: int, seq_len: int, precision: str = "bf16",
                     activation_checkpointing: bool = False, chunked_ce: bool = False, ce_chunk_rows: int = 1024,
-                    pad_vocab_size_multiple: int = 16) -> dict[str, int]:
+                    pad_vocab_size_multiple: int = 16, kernels: str = "auto", device: str = "cuda") -> dict[str, int]:
     """A rough, on-paper peak-memory estimate in bytes for training a Mamba-2 LM with AdamW, by component.
 
     parameters/gradients: fp32 (4 bytes each; autocast keeps fp32 master weights); optimizer: AdamW's two moments
-    (8 bytes); activations: what autograd keeps for the backward, per token and layer (the in_proj output, the
-    conv's input/output, the SSD's intra-chunk (chunk x chunk) decay and score matrices per head, the gated norm);
-    with activation checkpointing only each block's fp32 input is kept, plus one block recomputed at a time;
-    logits: (tokens, vocab) in half precision + an fp32 copy + its gradient, or one chunk of rows with chunked CE.
-    The coefficients were fitted by hand to the ys-71m runs of benchmarks/memory.py (H100); expect +-30%."""
+    (8 bytes); activations: what autograd keeps for the backward, per token and layer; with activation checkpointing
+    only each block's fp32 input is kept, plus one block recomputed at a time; logits: (tokens, vocab) in half
+    precision + an fp32 copy + its gradient, or one chunk of rows with chunked CE.
+    kernels: whose activations. "torch": chapter 05's PyTorch path (the in_proj output, the conv's input/output, the
+    SSD's intra-chunk (chunk x chunk) decay and score matrices per head, the gated norm), coefficients fitted by hand
+    to the ys-71m runs of benchmarks/memory.py (H100), expect +-30%. "triton": chapters 09-10's kernels,
+    `triton_block_bytes` per layer (section 4) plus the final norm's and the head's inputs and autocast's
+    half-precision weight copies. "auto": what `Mamba2LM(kernels="auto")` runs on `device` (a CUDA GPU by default:
+    the budgets are GPU memory; "cpu" gives the PyTorch path)."""
+    if kernels not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernels must be 'auto', 'torch' or 'triton', got {kernels!r}")
     s = MODEL_SIZES[size] if isinstance(size, str) else size
+    path = _kernels_for(s, device) if kernels == "auto" else kernels
+    if path == "triton" and _kernels_for(s, "cuda") != "triton":
+        raise ValueError(f"kernels='triton': the Triton kernels cannot run {s} (they need chunk_size 16-256, headdim "
+                         "<= 128, d_state <= 256); use kernels='torch' or 'auto'")
     n = count_parameters(s, vocab_size, pad_vocab_size_multiple=pad_vocab_size_multiple)
     a = 2 if precision in ("bf16", "fp16") else 4
     tokens = batch_size * seq_len
-    d_inner = s.expand * s.d_model
-    nheads = d_inner // s.headdim
-    conv_dim = d_inner + 2 * s.ngroups * s.d_state
-    d_in_proj = 2 * d_inner + 2 * s.ngroups * s.d_state + nheads
-    chunk = min(s.chunk_size, seq_len)
-    per_token = 4 * s.d_model + d_in_proj + 3 * conv_dim + 8 * nheads * chunk + 8 * d_inner
-    block = tokens * per_token * a
+    if path == "torch":
+        d_inner = s.expand * s.d_model
+        nheads = d_inner // s.headdim
+        conv_dim = d_inner + 2 * s.ngroups * s.d_state
+        d_in_proj = 2 * d_inner + 2 * s.ngroups * s.d_state + nheads
+        chunk = min(s.chunk_size, seq_len)
+        per_token = 4 * s.d_model + d_in_proj + 3 * conv_dim + 8 * nheads * chunk + 8 * d_inner
+        block, beyond = tokens * per_token * a, 0
+    else:
+        block = tokens * triton_block_bytes(s, precision)
+        # norm_f keeps h and rstd, the head its input (the fp32 norm output with chunked CE, autocast's copy without);
+        # under autocast, the half-precision weight copies live until the backward has used them
+        beyond = tokens * (4 * s.d_model + 4 + (4 if chunked_ce else a) * s.d_model) + (2 * n if a == 2 else 0)
     if activation_checkpointing:
         activations = s.n_layer * tokens * s.d_model * 4 + block
     else:
@@ -381,6 +411,44 @@ def estimate_memory(size: ModelSize | str, vocab_size: int, batch_size: int, seq
     vocab = _pad_vocab(vocab_size, pad_vocab_size_multiple)
     rows = min(ce_chunk_rows, tokens) if chunked_ce else tokens
     logits = rows * vocab * (a + 4 + 4)
-    out = {"parameters": 4 * n, "gradients": 4 * n, "optimizer": 8 * n, "activations": activations, "logits": logits}
+    out = {"parameters": 4 * n, "gradients": 4 * n, "optimizer": 8 * n, "activations": activations + beyond,
+           "logits": logits}
     out["total"] = sum(out.values())
     return out
+
+# %% ../notebooks/06a_presets.ipynb #5a7e0b01
+def saved_tensor_bytes(fn, exclude=()) -> tuple[Any, int]:
+    """Run fn() and return (its result, the bytes of the distinct storages autograd saved for the backward during
+    it), leaving out the tensors in `exclude` (the parameters, usually). A view counts as its whole storage, once."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            if st.data_ptr() not in skip:
+                seen[st.data_ptr()] = st.nbytes()
+        except (RuntimeError, NotImplementedError):     # tensors without storage (e.g. sparse) are left out
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+# %% ../notebooks/06a_presets.ipynb #5a7e0b03
+def triton_block_bytes(size: ModelSize | str, precision: str = "bf16") -> int:
+    """Bytes per token that one Mamba-2 block keeps for its backward on the Triton path (chapters 09-10): the table of
+    section 4, with a = 2 bytes per activation under bf16/fp16 autocast and 4 in fp32 (the residual stream is fp32)."""
+    s = MODEL_SIZES[size] if isinstance(size, str) else size
+    a = 2 if precision in ("bf16", "fp16") else 4
+    d_inner = s.expand * s.d_model
+    nheads, gN = d_inner // s.headdim, s.ngroups * s.d_state
+    d_in_proj = 2 * d_inner + 2 * gN + nheads
+    return (4 * s.d_model + 4                  # the block's input h and the RMSNorm's rstd
+            + a * s.d_model                    # in_proj's input
+            + a * d_in_proj                    # in_proj's output [z, xBC, dt]: the conv keeps xBC, the gated norm z
+            + 3 * 4 * nheads                   # dt + dt_bias, its softplus, the clamp (fp32)
+            + a * (d_inner + 2 * gN)           # the SSD's contiguous x, B, C
+            + a * d_inner + 4 * s.ngroups      # the gated norm's y and rstd
+            + a * d_inner)                     # out_proj's input

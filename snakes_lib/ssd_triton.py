@@ -706,15 +706,15 @@ _ssd_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def eager_autograd(op, forward, setup_context, backward):
     """Call `op` (a custom op with autograd) under torch.compile, and in eager mode a torch.autograd.Function that
     runs the same Python: `forward` (the function the op was made from), `setup_context` and `backward`. The two
-    paths compute the same thing; the eager one skips the dispatcher's work for each call of the op."""
+    paths compute the same thing; the eager one skips the dispatcher's work for each call of the op. The Function
+    takes the forward(ctx, ...) form: with a separate setup_context, `apply` would bind the arguments to forward's
+    signature on every call, tens of microseconds of host time more (benchmarks/op_overhead.py)."""
     class EagerOp(torch.autograd.Function):
         @staticmethod
-        def forward(*args):
-            return forward(*args)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            setup_context(ctx, inputs, output)
+        def forward(ctx, *args):
+            out = forward(*args)
+            setup_context(ctx, args, out)
+            return out
 
         @staticmethod
         def backward(ctx, *grads):
