@@ -398,6 +398,22 @@ def fast_model_goals(train: dict, decode: dict) -> str:
     return " ".join(out)
 
 
+def graph_train_table(d: dict) -> str:
+    "benchmarks/graph_train.py: snakes_lib.train.train eager and with each step recorded as a CUDA graph (chapter 10d)."
+    out = [f"**The trainer with its step as a CUDA graph on {d['device']}** (torch {d['torch']}; `snakes train --preset P "
+           f"--max-steps {d['steps']}` eagerly and with `--cuda-graph`, same seed, no evaluations; tokens/s: the "
+           "trainer's own figure, median over the second half of the steps)", "",
+           "| preset | settings | eager tokens/s | `--cuda-graph` tokens/s | speed-up | peak GiB (eager / graphed) | "
+           "largest relative loss difference |", "|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        if "error" in r:
+            out.append(f"| {r['preset']} | {r['label']} | failed: {r['error']} | | | | |")
+            continue
+        out.append(f"| {r['preset']} | {r['label']} | {r['eager_tokens_per_s']:,.0f} | {r['graphed_tokens_per_s']:,.0f} | "
+                   f"{r['speedup']:.2f}x | {r['eager_peak_gib']:.1f} / {r['graphed_peak_gib']:.1f} | {r['max_rel_diff']:.1e} |")
+    return "\n".join(out)
+
+
 def seq_idx_table(d: dict) -> str:
     "benchmarks/ssd.py --seq-idx: the Triton SSD with packed documents (seq_idx) against the same call without."
     cfg = d["config"]
@@ -436,7 +452,7 @@ def distributed_table(d: dict) -> str:
     return "\n".join(out)
 
 
-FAST_MODEL_INTRO = ("The fast model (chapters 10, 10b and 10c), measured side by side in one run on the H200, against "
+FAST_MODEL_INTRO = ("The fast model (chapters 10, 10b, 10c and 10d), measured side by side in one run on the H200, against "
                     "issue 11's goals (computed by `report.py` from the two tables below): ")
 
 
@@ -457,7 +473,8 @@ def sections() -> list[str]:
     train, decode = load("train_step_cuda.json"), load("decode_fast_cuda.json")
     if train and decode:
         out.append(FAST_MODEL_INTRO + fast_model_goals(train, decode))
-    for name, render in [("train_step_cuda.json", train_step_table), ("decode_fast_cuda.json", decode_fast_table),
+    for name, render in [("train_step_cuda.json", train_step_table), ("graph_train_cuda.json", graph_train_table),
+                         ("decode_fast_cuda.json", decode_fast_table),
                          ("distributed_cuda.json", distributed_table), ("memory_cuda.json", memory_table),
                          ("decode_cpu.json", decode_table), ("decode_cuda.json", decode_table),
                          ("compare_cpu.json", compare_table), ("compare_cuda.json", compare_table)]:
