@@ -258,7 +258,7 @@ def _draw_state_view(v: dict, refs: dict):
     ax.minorticks_off()
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}"))
     k, n, tk, tn = len(v["solved_seeds"]), v["n_seeds"], len(v["transformer_solved_seeds"]), v["transformer_n_seeds"]
-    ax.set_title(f"d_model {v['d_model']}, d_state {v['d_state']}: median {v['accuracy']:.2f} from "
+    ax.set_title(f"d_model {v['d_model']}, d_state {v['d_state']}: {'median' if n > 1 else 'accuracy'} {v['accuracy']:.2f} from "
                  f"{v['state_numbers']:,} numbers, solved in {k} of {n} seed{'s' * (n > 1)}\nTransformer++ "
                  f"{v['transformer_accuracy']:.2f} from {v['kv_cache_numbers']:,} (dashed), solved in {tk} of {tn}", fontsize=9)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
