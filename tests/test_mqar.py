@@ -2,6 +2,7 @@
 rows), and the state-size slider's callback over any grid and over the committed GPU file."""
 import json
 import random
+import statistics
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 
 from snakes_lib.compare import kv_cache_numbers, mamba2_state_numbers
 from snakes_lib.model import Mamba2Config
-from snakes_lib.mqar import IGNORE_INDEX, mqar_batch, mqar_experiment, mqar_grid, mqar_state_view, train_mqar
+from snakes_lib.mqar import (IGNORE_INDEX, SOLVED, mqar_batch, mqar_experiment, mqar_grid, mqar_state_view,
+                             seed_accuracies, train_mqar)
 
 GPU_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "compare_cuda.json"
 
@@ -61,8 +63,9 @@ def test_train_mqar_and_experiment_rows():
 
 
 # -- the slider's callback ------------------------------------------------------------------------------------------
-def synthetic_results(d_models, d_states, vocab_size=64, num_kv_pairs=8, seq_len=64, n_layer=2, seed=0):
-    "Runs shaped like mqar_experiment's, with random accuracies and the real state-size formulas."
+def synthetic_results(d_models, d_states, vocab_size=64, num_kv_pairs=8, seq_len=64, n_layer=2, seed=0, seeds=None):
+    """Runs shaped like mqar_experiment's, with random accuracies and the real state-size formulas; with `seeds`, shaped
+    like benchmarks/compare.py's combined rows (accuracy_per_seed, the median in accuracy)."""
     rnd = random.Random(seed)
     runs = []
     for d in d_models:
@@ -72,9 +75,14 @@ def synthetic_results(d_models, d_states, vocab_size=64, num_kv_pairs=8, seq_len
                          "state_numbers": sum(mamba2_state_numbers({"d_model": d, "n_layer": n_layer, "d_state": n}).values())})
         runs.append({"model": "transformer", "d_model": d, "n_layer": n_layer, "d_state": None, "lr": 3e-3,
                      "accuracy": rnd.random(), "state_numbers": kv_cache_numbers({"n_layer": n_layer, "d_model": d}, seq_len)})
+    settings = {"n_layer": n_layer, "num_kv_pairs": num_kv_pairs, "seq_len": seq_len, "vocab_size": vocab_size}
+    if seeds is not None:                                  # a lottery: each seed either solves it or stays on the plateau
+        for r in runs:
+            r["accuracy_per_seed"] = {str(k): rnd.choice([rnd.uniform(0.15, 0.3), rnd.uniform(SOLVED, 1.0)]) for k in seeds}
+            r["accuracy"] = statistics.median(r["accuracy_per_seed"].values())
+        settings["seeds"] = list(seeds)
     rnd.shuffle(runs)                                      # the callback must not depend on the order of the rows
-    return {"settings": {"n_layer": n_layer, "num_kv_pairs": num_kv_pairs, "seq_len": seq_len, "vocab_size": vocab_size},
-            "runs": runs}
+    return {"settings": settings, "runs": runs}
 
 
 @pytest.mark.parametrize("d_models, d_states", [((64, 128), (8, 16, 32, 64, 128)), ((24,), (3,)), ((16, 40, 72), (5, 7))])
@@ -143,6 +151,12 @@ def test_state_view_over_the_committed_gpu_file():
             assert v["kv_cache_numbers"] == kv_cache_numbers({"n_layer": s["n_layer"], "d_model": d}, s["seq_len"])
             assert 0 <= v["accuracy"] <= 1 and v["chance"] == 1 / (s["vocab_size"] // 2)
         assert [v["state_numbers"] for v in views] == sorted(v["state_numbers"] for v in views)
+        for v in views:                                    # the median of the seeds the row holds, each seed beside it
+            row = next(r for r in mq["runs"] if r["model"] == "mamba2" and (r["d_model"], r["d_state"]) == (d, v["d_state"]))
+            assert v["accuracy_per_seed"] == {str(k): a for k, a in row.get("accuracy_per_seed", {"0": row["accuracy"]}).items()}
+            assert v["accuracy"] == pytest.approx(statistics.median(v["accuracy_per_seed"].values()))
+            assert set(v["accuracy_per_seed"]) <= {str(k) for k in s.get("seeds", [s.get("seed", 0)])}
+            assert v["solved_seeds"] == [k for k, a in v["accuracy_per_seed"].items() if a >= SOLVED]
 
 
 # -- the benchmark script: `--only mqar` replaces the grid and keeps the file's other experiments ---------------------
@@ -173,3 +187,49 @@ def test_benchmark_only_mqar_keeps_the_other_experiments(tmp_path, monkeypatch):
     out.write_text(json.dumps(old))
     with pytest.raises(SystemExit, match="holds cuda results"):
         mod.main(["--only", "mqar", "--out", str(out)])
+
+
+# -- several seeds per point ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seeds", [(0, 1, 2), (3, 11), (5,), (0, 1, 2, 3, 4)])
+def test_state_view_reads_every_seed(seeds):
+    res = synthetic_results((32, 96), (4, 16, 64), seed=len(seeds), seeds=seeds)
+    for r in res["runs"]:
+        v = mqar_state_view(res, r["d_model"], r["d_state"] or 4, draw=False)
+        if r["model"] == "mamba2":
+            assert v["accuracy_per_seed"] == r["accuracy_per_seed"] and v["accuracy"] == r["accuracy"]
+            assert v["n_seeds"] == len(seeds) and list(v["accuracy_per_seed"]) == [str(k) for k in sorted(seeds)]
+            assert v["solved_seeds"] == [str(k) for k in sorted(seeds) if r["accuracy_per_seed"][str(k)] >= SOLVED]
+            pts = {p[0]: p for p in v["curves_per_seed"][r["d_model"]]}
+            assert pts[r["d_state"]] == (r["d_state"], r["state_numbers"], r["accuracy_per_seed"])
+        else:
+            assert v["transformer_accuracy_per_seed"] == r["accuracy_per_seed"] and v["transformer_n_seeds"] == len(seeds)
+            assert v["transformer_solved_seeds"] == [k for k, a in r["accuracy_per_seed"].items() if a >= SOLVED]
+        assert v["solved_at"] == SOLVED
+
+
+def test_seed_accuracies_old_and_new_rows():
+    assert seed_accuracies({"accuracy": 0.4}, {}) == {"0": 0.4}                     # one seed, before seeds existed
+    assert seed_accuracies({"accuracy": 0.4}, {"seed": 7}) == {"7": 0.4}
+    row = {"accuracy": 0.3, "accuracy_per_seed": {"10": 0.9, "2": 0.3, "1": 0.1}}  # sorted as numbers, keys as JSON has them
+    assert list(seed_accuracies(row, {"seeds": [1, 2, 10]})) == ["1", "2", "10"]
+    assert list(seed_accuracies({"accuracy": 0.3, "accuracy_per_seed": {1: 0.3}}, {})) == ["1"]
+    with pytest.raises(ValueError, match="empty 'accuracy_per_seed'"):
+        seed_accuracies({"model": "mamba2", "accuracy": 0.3, "accuracy_per_seed": {}}, {})
+
+
+def test_state_view_draws_each_seed():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    res = synthetic_results((64,), (8, 16), seeds=(0, 1, 2))
+    v = mqar_state_view(res, 64, 16)
+    ys = [round(y, 9) for line in v["figure"].axes[0].get_lines() for _, y in line.get_xydata()]
+    for _, _, accs in v["curves_per_seed"][64]:
+        assert all(round(a, 9) in ys for a in accs.values()), "every seed's accuracy is drawn"
+    assert "solved in" in v["figure"].axes[0].get_title()
+    plt.close(v["figure"])
+    one = synthetic_results((64,), (8, 16))                                        # one seed: no extra dots
+    v1 = mqar_state_view(one, 64, 16)
+    n_lines = lambda fig: len(fig.axes[0].get_lines())
+    assert n_lines(v1["figure"]) < n_lines(mqar_state_view(res, 64, 16)["figure"])
+    plt.close("all")
