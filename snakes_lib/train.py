@@ -442,9 +442,8 @@ class Trainer(_RunFolderMixin, _KeptMixin, _SetupMixin, _ResumeMixin, _DataModel
 
     def __init__(self, cfg: TrainConfig, callbacks: Iterable[Callable[["Trainer"], None]] = ()):
         if cfg.cuda_graph and not getattr(self, "captures_step", False):
-            raise ValueError(f"cuda_graph=True needs a trainer that records the step as a CUDA graph "
-                             f"(snakes_lib.graph_train.GraphedTrainer, which train() and `snakes train` pick), "
-                             f"not {type(self).__name__}")
+            raise ValueError(f"cuda_graph=True needs snakes_lib.graph_train.GraphedTrainer (train() and `snakes train` "
+                             f"pick it), not {type(self).__name__}")
         self.cfg = cfg
         self.callbacks = list(callbacks)
         self.run_dir = Path(cfg.out)
